@@ -1,0 +1,77 @@
+"""The semantic-gap annotation: what a teacher says about one (prompt, chosen, rejected) triple.
+
+    category    what kind of difference separates chosen from rejected (CATEGORIES below)
+    magnitude   how large the gap is: 0 none, 1 minor, 2 clear, 3 severe
+    confidence  how sure the teacher is that its reading is right, in [0, 1]
+    rationale   one short sentence, kept for audit (bounded so decoding never runs out of tokens)
+
+`annotation_json_schema()` is the JSON Schema that constrains teacher decoding (vLLM structured
+outputs, OpenAI `response_format`); `Annotation` validates whatever comes back.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ANNOTATION_SCHEMA_VERSION = "1"
+MAGNITUDE_MIN, MAGNITUDE_MAX = 0, 3
+RATIONALE_MAX_CHARS = 200
+
+
+class Category(str, Enum):
+    """Kinds of semantic gap, roughly from the most objective failure to no real difference."""
+
+    SAFETY = "safety"  # rejected is harmful, unsafe or enables harm; chosen is not
+    FACTUALITY = "factuality"  # rejected states false facts or hallucinates
+    INSTRUCTION_FOLLOWING = "instruction_following"  # rejected ignores or violates the instructions
+    REASONING = "reasoning"  # rejected has wrong reasoning, maths or code (correctness)
+    HELPFULNESS = "helpfulness"  # both valid; chosen is more complete or more useful
+    STYLE = "style"  # difference is tone, formatting, verbosity: subjective
+    NO_REAL_DIFFERENCE = "no_real_difference"  # a tie or label noise: no meaningful gap
+    REVERSED = "reversed"  # the rejected answer is actually better: the label looks wrong
+
+
+CATEGORIES: tuple[str, ...] = tuple(c.value for c in Category)
+CATEGORY_DESCRIPTIONS: dict[str, str] = {
+    "safety": "the rejected response is harmful, unsafe, or helps cause harm; the chosen one is not",
+    "factuality": "the rejected response states false facts or hallucinates",
+    "instruction_following": "the rejected response ignores or violates explicit instructions or constraints",
+    "reasoning": "the rejected response has incorrect reasoning, maths or code",
+    "helpfulness": "both are acceptable, but the chosen response is more complete, relevant or useful",
+    "style": "the difference is only tone, formatting or length: a matter of taste",
+    "no_real_difference": "the responses are about equally good (a tie, or label noise)",
+    "reversed": "the rejected response is actually better than the chosen one",
+}
+
+
+class Annotation(BaseModel):
+    """One teacher's semantic-gap annotation of one pair."""
+
+    model_config = ConfigDict(extra="ignore", use_enum_values=True)
+
+    category: Category
+    magnitude: int = Field(ge=MAGNITUDE_MIN, le=MAGNITUDE_MAX)
+    confidence: float = Field(ge=0.0, le=1.0)
+    rationale: str = Field(default="", max_length=RATIONALE_MAX_CHARS)
+
+
+def annotation_json_schema() -> dict:
+    """JSON Schema for constrained decoding: enums and bounds that every backend supports.
+
+    Written out rather than taken from `Annotation.model_json_schema()`: `$ref`/`$defs` and
+    `default` are not supported by every structured-output backend, and the property order here
+    (category first, rationale last) is the order the teacher should think in.
+    """
+    return {
+        "type": "object",
+        "properties": {
+            "category": {"type": "string", "enum": list(CATEGORIES)},
+            "magnitude": {"type": "integer", "enum": list(range(MAGNITUDE_MIN, MAGNITUDE_MAX + 1))},
+            "confidence": {"type": "number", "minimum": 0, "maximum": 1},
+            "rationale": {"type": "string", "maxLength": RATIONALE_MAX_CHARS},
+        },
+        "required": ["category", "magnitude", "confidence", "rationale"],
+        "additionalProperties": False,
+    }

@@ -1,0 +1,58 @@
+"""Options and helpers every stage's CLI shares, so all commands look and behave alike."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable, TypeVar
+
+import typer
+
+from sp2dpo.config import StageConfig, load_config
+from sp2dpo.utils import print_json_summary
+
+C = TypeVar("C", bound=StageConfig)
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config (a stage config, or a pipeline config with a section per stage).")
+SetOpt = typer.Option(None, "--set", "-s", help="Override a config value: key.sub=value (repeatable).")
+JsonOpt = typer.Option(False, "--json", help="Print a machine-readable JSON summary as the last line of stdout.")
+
+
+def build_config(cls: type[C], config: str | None, overrides: list[str] | None, section: str,
+                 **cli_values: Any) -> C:
+    """Config from YAML + `--set` overrides + explicit CLI flags (flags win; None = not given)."""
+    extra = [f"{k}={_yaml_value(v)}" for k, v in cli_values.items() if v is not None]
+    try:
+        return load_config(cls, config, list(overrides or []) + extra, section=section)
+    except (ValueError, FileNotFoundError) as exc:
+        fail(f"invalid config: {exc}")
+
+
+def _yaml_value(value: Any) -> str:
+    import json
+
+    return json.dumps(value) if not isinstance(value, str) else json.dumps(value)
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print a clear error (no traceback) and exit."""
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def run_and_report(fn: Callable[[], dict[str, Any]], as_json: bool, title: str) -> dict[str, Any]:
+    """Run a stage, turn expected failures into clear errors, print the summary."""
+    try:
+        summary = fn()
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        fail(str(exc).strip("'\""))
+    if as_json:
+        print_json_summary(summary)
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=title, show_header=False)
+        for key, value in summary.items():
+            table.add_row(str(key), str(value))
+        Console(file=sys.stdout).print(table)
+    return summary

@@ -1,0 +1,1 @@
+"""Stage 0: the canonical pairs table (loaders, validation, quarantine, bundled data)."""

