@@ -100,6 +100,10 @@ def init_ray(address: str | None = None, **kwargs: Any) -> None:
     kwargs.setdefault("include_dashboard", False)
     kwargs.setdefault("configure_logging", True)
     kwargs.setdefault("logging_level", "WARNING")
+    store_mb = os.environ.get("SP2DPO_RAY_OBJECT_STORE_MB")
+    if store_mb and not (address or os.environ.get("RAY_ADDRESS")):
+        # Cap the object store of a local instance (tests, small laptops); Ray Data spills beyond.
+        kwargs.setdefault("object_store_memory", int(store_mb) << 20)
     ray.init(address=address or os.environ.get("RAY_ADDRESS"), **kwargs)
     # Ray Data's own progress bars fight with ours: keep one bar per stage.
     import ray.data

@@ -75,3 +75,26 @@ def annotation_json_schema() -> dict:
         "required": ["category", "magnitude", "confidence", "rationale"],
         "additionalProperties": False,
     }
+
+
+# The annotations table (Parquet shards under the annotation DIR): one row per
+# (pair, teacher, prompt_version). `category`/`magnitude`/`confidence` are null when status=failed.
+import pyarrow as pa  # noqa: E402
+
+ANNOTATION_STATUSES = ("ok", "repaired", "failed")
+ANNOTATIONS_SCHEMA = pa.schema(
+    [
+        pa.field("pair_id", pa.string(), nullable=False),
+        pa.field("teacher", pa.string(), nullable=False),  # engine:model, e.g. "vllm:SmolLM2-135M-Instruct", "ratings"
+        pa.field("prompt_version", pa.string(), nullable=False),  # e.g. "v1", "v1-swapped"
+        pa.field("category", pa.string()),
+        pa.field("magnitude", pa.int32()),
+        pa.field("confidence", pa.float64()),
+        pa.field("rationale", pa.string()),
+        pa.field("status", pa.string(), nullable=False),  # ok | repaired | failed
+        pa.field("repairs", pa.string()),  # JSON list of what was repaired/clamped, or the failure reason
+        pa.field("raw_text", pa.string()),  # the teacher's raw output, kept for audit
+        pa.field("prompt_tokens", pa.int32()),
+        pa.field("completion_tokens", pa.int32()),
+    ]
+)
