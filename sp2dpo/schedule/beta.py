@@ -1,0 +1,176 @@
+"""The β schedule: one consensus annotation (category, magnitude, confidence) → one β_i.
+
+    beta_i = clip(beta0 · w[category] · g(magnitude) · h(confidence), beta_min, beta_max)
+    g(m)   = magnitude_factors interpolated at m   (m = 0..3; aggregated m may be fractional)
+    h(c)   = confidence_floor + (1 - confidence_floor) · c
+    then, when rescale_mean: beta_i = clip(k · raw_i, beta_min, beta_max) with the one k that makes
+    the mean β over the pairs trained on equal beta0 (found by bisection: the mean is monotone in k).
+
+Pairs outside the semantic categories follow explicit policies instead of the formula:
+    no_real_difference  min_beta (β = beta_min) | drop (excluded from training)
+    reversed            min_beta | drop | flip (chosen/rejected swapped at training; β from the
+                        formula with w["reversed"])
+    unannotated         beta0 (β = beta0: standard DPO for pairs no teacher could read) | drop
+Pinned values (beta_min, beta0) are not rescaled: only the semantic β move to match the mean.
+
+Everything is numpy over whole columns: 60,000 pairs take milliseconds, and the same inputs with
+the same config give the same bytes (no randomness, fixed-order float arithmetic).
+See docs/schedule.md for why the defaults are what they are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import Field, model_validator
+
+from sp2dpo.annotate.schema import CATEGORIES, MAGNITUDE_MAX, MAGNITUDE_MIN
+from sp2dpo.config import StageConfig
+
+UNANNOTATED = "unannotated"
+NOISE, REVERSED = "no_real_difference", "reversed"
+SEMANTIC_CATEGORIES = tuple(c for c in CATEGORIES if c not in (NOISE, REVERSED))
+# Every category a consensus row can carry, in a fixed order (codes index this tuple).
+ALL_CATEGORIES = (*CATEGORIES, UNANNOTATED)
+
+DEFAULT_WEIGHTS = {
+    "safety": 2.0,
+    "factuality": 1.6,
+    "instruction_following": 1.4,
+    "reasoning": 1.4,
+    "helpfulness": 1.0,
+    "style": 0.5,
+    "reversed": 1.0,
+}
+
+
+class ScheduleConfig(StageConfig):
+    """`sp2dpo schedule` settings: the β mapping (hashed into the artifact) and the shuffle seed."""
+
+    beta0: float = Field(0.1, gt=0, description="Global β of the baseline; the target mean when rescale_mean.")
+    beta_min: float = Field(0.025, gt=0)
+    beta_max: float = Field(0.4, gt=0)
+    category_weights: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
+    # Factor at magnitude 0, 1, 2, 3 (linear in between, for aggregated magnitudes like 2.5).
+    magnitude_factors: list[float] = Field(default_factory=lambda: [0.5, 0.75, 1.0, 1.25])
+    # h(0) = confidence_floor, h(1) = 1: an unsure teacher halves the semantic push, never zeroes it.
+    confidence_floor: float = Field(0.5, ge=0, le=1)
+    rescale_mean: bool = True
+    noise_policy: Literal["min_beta", "drop"] = "min_beta"
+    reversed_policy: Literal["min_beta", "drop", "flip"] = "min_beta"
+    unannotated_policy: Literal["beta0", "drop"] = "beta0"
+    shuffle_seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> "ScheduleConfig":
+        if not self.beta_min <= self.beta0 <= self.beta_max:
+            raise ValueError(f"need beta_min <= beta0 <= beta_max, got {self.beta_min}, {self.beta0}, {self.beta_max}")
+        unknown = sorted(set(self.category_weights) - set(SEMANTIC_CATEGORIES) - {REVERSED})
+        if unknown:
+            raise ValueError(f"category_weights: unknown categories {unknown}; known: {[*SEMANTIC_CATEGORIES, REVERSED]} "
+                             f"({NOISE} is set by noise_policy)")
+        needed = set(SEMANTIC_CATEGORIES) | ({REVERSED} if self.reversed_policy == "flip" else set())
+        missing = sorted(needed - set(self.category_weights))
+        if missing:
+            raise ValueError(f"category_weights: missing weights for {missing}")
+        bad = {k: v for k, v in self.category_weights.items() if not (np.isfinite(v) and v > 0)}
+        if bad:
+            raise ValueError(f"category_weights must be positive and finite, got {bad}")
+        factors = np.asarray(self.magnitude_factors, dtype=float)
+        if len(factors) != MAGNITUDE_MAX - MAGNITUDE_MIN + 1:
+            raise ValueError(f"magnitude_factors needs one factor per magnitude {MAGNITUDE_MIN}..{MAGNITUDE_MAX}, "
+                             f"got {len(factors)}")
+        if not (np.all(np.isfinite(factors)) and np.all(factors > 0)):
+            raise ValueError(f"magnitude_factors must be positive and finite, got {self.magnitude_factors}")
+        return self
+
+
+@dataclass
+class Schedule:
+    beta: np.ndarray  # float64; NaN where dropped
+    dropped: np.ndarray  # bool
+    flipped: np.ndarray  # bool
+    rescale_factor: float  # k (1.0 when rescale_mean is off)
+    mean_beta: float  # over the pairs trained on (not dropped)
+
+
+def category_codes(categories: pa.Array | pa.ChunkedArray | list) -> np.ndarray:
+    """Index of each category in ALL_CATEGORIES; ValueError naming any unknown (or null) value."""
+    arr = categories if isinstance(categories, (pa.Array, pa.ChunkedArray)) else pa.array(categories, pa.string())
+    codes = pc.index_in(arr, value_set=pa.array(ALL_CATEGORIES))
+    if codes.null_count:
+        values = sorted({str(v) for v in arr.filter(pc.is_null(codes)).to_pylist()})
+        raise ValueError(f"unknown categories {values[:5]} (known: {list(ALL_CATEGORIES)})")
+    return codes.to_numpy().astype(np.int64)
+
+
+def _mean_matching_factor(raw: np.ndarray, pinned_sum: float, n: int, cfg: ScheduleConfig) -> float:
+    """k with mean(clip(k·raw), pinned) = beta0; the mean is non-decreasing in k, so bisect."""
+    if len(raw) == 0:
+        return 1.0
+
+    def mean_at(k: float) -> float:
+        return (np.clip(k * raw, cfg.beta_min, cfg.beta_max).sum() + pinned_sum) / n
+
+    lo, hi = cfg.beta_min / raw.max(), cfg.beta_max / raw.min()  # every raw β at beta_min / at beta_max
+    if mean_at(lo) >= cfg.beta0:
+        return lo
+    if mean_at(hi) <= cfg.beta0:
+        return hi
+    for _ in range(100):  # a fixed count, not a tolerance: the result is the same bits every run
+        mid = 0.5 * (lo + hi)
+        if mean_at(mid) < cfg.beta0:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+def schedule_beta(categories: pa.Array | list, magnitude, confidence, cfg: ScheduleConfig) -> Schedule:
+    """β_i for consensus annotations (vectorised; see the module docstring for the formula).
+
+    `magnitude`/`confidence` are float arrays (NaN allowed only for `unannotated` rows).
+    """
+    codes = category_codes(categories)
+    m = np.asarray(magnitude, dtype=np.float64)
+    c = np.asarray(confidence, dtype=np.float64)
+    n = len(codes)
+    if not (len(m) == len(c) == n):
+        raise ValueError(f"categories, magnitude and confidence differ in length: {n}, {len(m)}, {len(c)}")
+    cat = np.asarray(ALL_CATEGORIES, dtype=object)[codes] if n else np.array([], dtype=object)
+    is_unannotated, is_noise, is_reversed = cat == UNANNOTATED, cat == NOISE, cat == REVERSED
+    annotated = ~is_unannotated
+    if np.any(annotated & ~np.isfinite(m)) or np.any(annotated & ~np.isfinite(c)):
+        raise ValueError("magnitude and confidence must be finite for annotated pairs")
+    if np.any(annotated & ((m < MAGNITUDE_MIN) | (m > MAGNITUDE_MAX))):
+        raise ValueError(f"magnitude outside [{MAGNITUDE_MIN}, {MAGNITUDE_MAX}]")
+    if np.any(annotated & ((c < 0) | (c > 1))):
+        raise ValueError("confidence outside [0, 1]")
+
+    flipped = is_reversed & (cfg.reversed_policy == "flip")
+    dropped = ((is_noise & (cfg.noise_policy == "drop")) | (is_reversed & (cfg.reversed_policy == "drop"))
+               | (is_unannotated & (cfg.unannotated_policy == "drop")))
+    pinned_min = (is_noise & (cfg.noise_policy == "min_beta")) | (is_reversed & (cfg.reversed_policy == "min_beta"))
+    pinned_beta0 = is_unannotated & (cfg.unannotated_policy == "beta0")
+    semantic = ~(dropped | pinned_min | pinned_beta0)  # the six gap categories and flipped pairs
+
+    weights = np.array([cfg.category_weights.get(name, np.nan) for name in ALL_CATEGORIES])
+    levels = np.arange(MAGNITUDE_MIN, MAGNITUDE_MAX + 1, dtype=np.float64)
+    g = np.interp(np.nan_to_num(m), levels, np.asarray(cfg.magnitude_factors, dtype=np.float64))
+    h = cfg.confidence_floor + (1.0 - cfg.confidence_floor) * np.nan_to_num(c)
+    raw = cfg.beta0 * weights[codes] * g * h
+
+    beta = np.full(n, np.nan)
+    beta[pinned_min] = cfg.beta_min
+    beta[pinned_beta0] = cfg.beta0
+    trained = ~dropped
+    k = 1.0
+    if cfg.rescale_mean and trained.any():
+        k = _mean_matching_factor(raw[semantic], float(beta[pinned_min | pinned_beta0].sum()), int(trained.sum()), cfg)
+    beta[semantic] = np.clip(k * raw[semantic], cfg.beta_min, cfg.beta_max)
+    mean = float(beta[trained].mean()) if trained.any() else float("nan")
+    return Schedule(beta=beta, dropped=dropped, flipped=flipped, rescale_factor=float(k), mean_beta=mean)

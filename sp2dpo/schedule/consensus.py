@@ -1,0 +1,170 @@
+"""Several annotations per pair (teachers × prompt variants) → one consensus annotation.
+
+    category    the majority category; ties go to the larger summed confidence, then to the
+                earlier category in CATEGORIES (safety first), so the result never depends on
+                row order
+    agreement   votes for that category / valid annotations of the pair, in (0, 1]
+    magnitude   median magnitude of the annotations that voted for the category (a teacher that
+                saw a different kind of gap says nothing about the size of this one)
+    confidence  mean confidence of those annotations × agreement: disagreement lowers it
+    n_annotations / n_failed   valid (ok, repaired) and failed annotations of the pair
+
+Failed annotations carry no category: they are counted, never voted. A pair with no valid
+annotation comes out as category `unannotated` (magnitude/confidence/agreement null); the schedule
+decides what happens to it (`unannotated_policy`), it is never silently dropped.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from sp2dpo.annotate.schema import ANNOTATION_STATUSES, ANNOTATIONS_SCHEMA, MAGNITUDE_MAX, MAGNITUDE_MIN
+from sp2dpo.schedule.beta import ALL_CATEGORIES, UNANNOTATED, category_codes
+from sp2dpo.utils import filesystem_and_path
+
+CONSENSUS_SCHEMA = pa.schema(
+    [
+        pa.field("pair_id", pa.string(), nullable=False),
+        pa.field("category", pa.string(), nullable=False),
+        pa.field("magnitude", pa.float64()),
+        pa.field("confidence", pa.float64()),
+        pa.field("agreement", pa.float64()),
+        pa.field("n_annotations", pa.int32(), nullable=False),
+        pa.field("n_failed", pa.int32(), nullable=False),
+    ]
+)
+VALID_STATUSES = ("ok", "repaired")
+N_LEVELS = MAGNITUDE_MAX - MAGNITUDE_MIN + 1
+
+
+def annotation_files(path: str) -> list[str]:
+    """Every `*.parquet` under `path` (recursively), sorted; or `path` itself if it is a file."""
+    fs, root = filesystem_and_path(path)
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"annotations not found: {path}")
+    if info.type == pafs.FileType.File:
+        return [root]
+    files = sorted(
+        f.path for f in fs.get_file_info(pafs.FileSelector(root, recursive=True))
+        if f.type == pafs.FileType.File and f.path.endswith(".parquet")
+        and not f.base_name.startswith((".", "_"))
+    )
+    if not files:
+        raise ValueError(f"no *.parquet annotation shards under {path}")
+    return files
+
+
+def read_annotations(path: str) -> pa.Table:
+    """All annotation shards under `path` as one table with ANNOTATIONS_SCHEMA."""
+    fs, _ = filesystem_and_path(path)
+    tables = []
+    for file in annotation_files(path):
+        table = pq.read_table(file, filesystem=fs)
+        missing = [name for name in ANNOTATIONS_SCHEMA.names if name not in table.column_names]
+        if missing:
+            raise ValueError(f"{file}: not an annotations table, missing columns {missing}")
+        try:
+            tables.append(table.select(ANNOTATIONS_SCHEMA.names).cast(ANNOTATIONS_SCHEMA))
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+            raise ValueError(f"{file}: columns do not match the annotations schema: {exc}") from exc
+    return pa.concat_tables(tables)
+
+
+def _dedupe(ann: pa.Table) -> tuple[pa.Table, int]:
+    """One row per (pair_id, teacher, prompt_version), sorted by that key: a resumed run may have
+    written a key twice; a valid row wins over a failed one, then the first row read."""
+    rank = pc.if_else(pc.equal(ann["status"], "failed"), 1, 0)
+    ann = ann.append_column("_rank", rank).append_column("_row", pa.array(np.arange(ann.num_rows)))
+    ann = ann.take(pc.sort_indices(ann, sort_keys=[("pair_id", "ascending"), ("teacher", "ascending"),
+                                                   ("prompt_version", "ascending"), ("_rank", "ascending"),
+                                                   ("_row", "ascending")]))
+    key = [ann[c].to_numpy(zero_copy_only=False) for c in ("pair_id", "teacher", "prompt_version")]
+    first = np.ones(ann.num_rows, dtype=bool)
+    if ann.num_rows > 1:
+        first[1:] = ~((key[0][1:] == key[0][:-1]) & (key[1][1:] == key[1][:-1]) & (key[2][1:] == key[2][:-1]))
+    return ann.filter(pa.array(first)).drop_columns(["_rank", "_row"]), int((~first).sum())
+
+
+def consensus(annotations: pa.Table, pair_ids: pa.Array | pa.ChunkedArray) -> tuple[pa.Table, dict[str, Any]]:
+    """One consensus row per pair, in the order of `pair_ids`, and the annotation provenance."""
+    statuses = set(pc.unique(annotations["status"]).to_pylist())
+    if statuses - set(ANNOTATION_STATUSES):
+        raise ValueError(f"unknown annotation status {sorted(map(str, statuses - set(ANNOTATION_STATUSES)))}; "
+                         f"expected one of {list(ANNOTATION_STATUSES)}")
+    ann, duplicates = _dedupe(annotations)
+    pair_index = pc.index_in(ann["pair_id"], value_set=pair_ids)
+    orphans = pair_index.null_count  # annotations of pairs that are not in this pairs table
+    ann = ann.filter(pc.is_valid(pair_index))
+    pair_index = pair_index.drop_null().to_numpy().astype(np.int64)
+    status = ann["status"].to_numpy(zero_copy_only=False)
+    valid = np.isin(status, VALID_STATUSES)
+    provenance = {
+        "annotation_rows": annotations.num_rows,
+        "duplicate_rows": duplicates,
+        "orphan_rows": orphans,
+        "status_counts": dict(sorted(Counter(status.tolist()).items())),
+        "teachers": dict(sorted(Counter(ann["teacher"].to_pylist()).items())),
+        "prompt_versions": dict(sorted(Counter(ann["prompt_version"].to_pylist()).items())),
+    }
+
+    good = ann.filter(pa.array(valid))
+    for name in ("category", "magnitude", "confidence"):
+        if good[name].null_count:
+            raise ValueError(f"{good[name].null_count} annotations with status ok/repaired have a null {name}")
+    codes = category_codes(good["category"])
+    if np.any(codes == ALL_CATEGORIES.index(UNANNOTATED)):
+        raise ValueError(f"{UNANNOTATED!r} is not an annotation category")
+    mag = good["magnitude"].to_numpy().astype(np.int64)
+    conf = good["confidence"].to_numpy().astype(np.float64)
+    if np.any((mag < MAGNITUDE_MIN) | (mag > MAGNITUDE_MAX)):
+        raise ValueError(f"annotation magnitude outside [{MAGNITUDE_MIN}, {MAGNITUDE_MAX}]")
+    if not np.all(np.isfinite(conf)) or np.any((conf < 0) | (conf > 1)):
+        raise ValueError("annotation confidence outside [0, 1] or not finite")
+
+    n, n_cat = len(pair_ids), len(ALL_CATEGORIES)
+    p = pair_index[valid]
+    cell = p * n_cat + codes
+    votes = np.bincount(cell, minlength=n * n_cat).reshape(n, n_cat)
+    conf_sum = np.bincount(cell, weights=conf, minlength=n * n_cat).reshape(n, n_cat)
+    top = votes.max(axis=1)
+    # Majority, then summed confidence, then the first category in order (argmax takes the first).
+    winner = np.argmax(np.where(votes == top[:, None], conf_sum, -np.inf), axis=1)
+    n_valid = votes.sum(axis=1)
+    annotated = n_valid > 0
+    rows = np.arange(n)
+
+    voter = codes == winner[p]
+    hist = np.bincount(p[voter] * N_LEVELS + (mag[voter] - MAGNITUDE_MIN), minlength=n * N_LEVELS).reshape(n, N_LEVELS)
+    cum = np.cumsum(hist, axis=1)
+    # Median from the histogram: mean of the elements at ranks ceil(top/2) and floor(top/2)+1.
+    lower = np.argmax(cum >= ((top + 1) // 2)[:, None], axis=1)
+    upper = np.argmax(cum >= (top // 2 + 1)[:, None], axis=1)
+    magnitude = (lower + upper) / 2.0 + MAGNITUDE_MIN
+
+    with np.errstate(invalid="ignore", divide="ignore"):
+        agreement = top / n_valid
+        confidence = conf_sum[rows, winner] / top * agreement
+    failed = np.bincount(pair_index[~valid], minlength=n)
+
+    category = np.asarray(ALL_CATEGORIES, dtype=object)[np.where(annotated, winner, ALL_CATEGORIES.index(UNANNOTATED))]
+    table = pa.table(
+        {
+            "pair_id": pair_ids if isinstance(pair_ids, pa.Array) else pair_ids.combine_chunks(),
+            "category": pa.array(category, pa.string()),
+            "magnitude": pa.array(magnitude, pa.float64(), mask=~annotated),
+            "confidence": pa.array(confidence, pa.float64(), mask=~annotated),
+            "agreement": pa.array(agreement, pa.float64(), mask=~annotated),
+            "n_annotations": pa.array(n_valid, pa.int32()),
+            "n_failed": pa.array(failed, pa.int32()),
+        },
+        schema=CONSENSUS_SCHEMA,
+    )
+    return table, provenance
