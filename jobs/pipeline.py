@@ -1,0 +1,6 @@
+"""ray job submit --working-dir . -- python jobs/pipeline.py --config cluster/ultrafeedback-8b.yaml"""
+
+from _entry import run
+
+if __name__ == "__main__":
+    run("pipeline")
