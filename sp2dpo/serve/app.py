@@ -1,0 +1,193 @@
+"""The Ray Serve application: one FastAPI ingress, one deployment per served model.
+
+    client ──HTTP──▶ proxy ──▶ OpenAIIngress (auth, size limit, validation, routing by `model`)
+                                   └─handle─▶ ModelDeployment[id] (engine + OpenAI layer), scaled per model
+
+The ingress refuses what it can without a model (401, 413, malformed JSON, wrong types, unknown
+model → 404); the model replica refuses what needs its tokenizer (prompt over the context → 400).
+A replica answers every request with a status and a body instead of raising, so a bad request
+never looks like a replica failure and never costs a restart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import re
+import time
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from sp2dpo.serve.config import ModelConfig, ServeConfig
+from sp2dpo.serve.protocol import APIError, error_body, parse_request
+
+log = logging.getLogger("ray.serve")
+
+
+def key_digest(api_key: str | None) -> str | None:
+    """Replicas keep only the key's SHA-256, so the key itself never lands in Serve's state."""
+    return hashlib.sha256(api_key.encode()).hexdigest() if api_key else None
+
+
+def _sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+
+
+@serve.deployment(max_ongoing_requests=64, health_check_period_s=10, max_constructor_retry_count=3)
+class ModelDeployment:
+    """One model: an engine plus the OpenAI layer. Returns (status, body); streams SSE lines."""
+
+    def __init__(self, model: dict[str, Any]):
+        from sp2dpo.serve.engines import build_engine
+        from sp2dpo.serve.openai_layer import OpenAIModel
+
+        cfg = ModelConfig.model_validate(model)
+        self.engine = build_engine(cfg)
+        self.model = OpenAIModel(cfg.id, self.engine, cfg.default_max_tokens)
+
+    def check_health(self) -> None:
+        if not self.engine.alive():
+            raise RuntimeError("the generation engine stopped")
+
+    async def respond(self, request: Any) -> tuple[int, dict[str, Any]]:
+        try:
+            return 200, await self.model.respond(request)
+        except APIError as exc:
+            return exc.status, exc.body()
+        except Exception as exc:
+            log.exception("request failed")
+            return 500, error_body(f"internal error: {type(exc).__name__}", "server_error")
+
+    async def respond_stream(self, request: Any) -> AsyncIterator[Any]:
+        """First item: (status, error body or None); then SSE lines, ending with `data: [DONE]`."""
+        chunks = self.model.respond_stream(request)
+        try:
+            first = await chunks.__anext__()
+        except APIError as exc:
+            yield exc.status, exc.body()
+            return
+        except Exception as exc:
+            log.exception("request failed")
+            yield 500, error_body(f"internal error: {type(exc).__name__}", "server_error")
+            return
+        yield 200, None
+        yield _sse(first)
+        try:
+            async for chunk in chunks:
+                yield _sse(chunk)
+        except Exception as exc:  # headers are sent: the error travels as an SSE event
+            log.exception("stream failed")
+            yield _sse(error_body(f"internal error: {type(exc).__name__}", "server_error"))
+        finally:
+            await chunks.aclose()
+        yield "data: [DONE]\n\n"
+
+
+api = FastAPI(title="sp2dpo OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return JSONResponse(error_body(str(exc.detail), "invalid_request_error", None, "not_found" if exc.status_code == 404 else None),
+                        status_code=exc.status_code)
+
+
+@api.exception_handler(APIError)
+async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+
+@serve.deployment(max_ongoing_requests=512)
+@serve.ingress(api)
+class OpenAIIngress:
+    def __init__(self, models: dict[str, Any], api_key_sha256: str | None, max_request_bytes: int):
+        self.models = models
+        self.api_key_sha256 = api_key_sha256
+        self.max_request_bytes = max_request_bytes
+        self.created = int(time.time())
+
+    def _authorize(self, request: Request) -> None:
+        if self.api_key_sha256 is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        presented = hashlib.sha256(token.strip().encode()).hexdigest()
+        if scheme.lower() != "bearer" or not hmac.compare_digest(presented, self.api_key_sha256):
+            raise APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
+                           code="invalid_api_key")
+
+    async def _body(self, request: Request) -> bytes:
+        declared = request.headers.get("content-length")
+        too_big = APIError(413, f"request body exceeds {self.max_request_bytes} bytes", code="request_too_large")
+        if declared and declared.isdigit() and int(declared) > self.max_request_bytes:
+            raise too_big
+        body = bytearray()
+        async for part in request.stream():  # chunked bodies carry no length: count as we read
+            body += part
+            if len(body) > self.max_request_bytes:
+                raise too_big
+        return bytes(body)
+
+    @api.get("/health")
+    async def health(self) -> dict[str, Any]:
+        return {"status": "ok", "models": sorted(self.models)}
+
+    @api.get("/v1/models")
+    async def list_models(self, request: Request) -> dict[str, Any]:
+        self._authorize(request)
+        return {"object": "list", "data": [
+            {"id": mid, "object": "model", "created": self.created, "owned_by": "sp2dpo"} for mid in self.models]}
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Any:
+        return await self._generate(request, "chat")
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request) -> Any:
+        return await self._generate(request, "completion")
+
+    async def _generate(self, request: Request, kind: str) -> Any:
+        self._authorize(request)
+        req = parse_request(await self._body(request), kind)  # type: ignore[arg-type]
+        handle = self.models.get(req.model)
+        if handle is None:
+            raise APIError(404, f"The model '{req.model}' does not exist; served: {sorted(self.models)}",
+                           param="model", code="model_not_found")
+        if not req.stream:
+            status, body = await handle.respond.remote(req)
+            return JSONResponse(body, status_code=status)
+        stream = handle.options(stream=True).respond_stream.remote(req)
+        status, error = await stream.__anext__()
+        if error is not None:
+            stream.cancel()
+            return JSONResponse(error, status_code=status)
+        return StreamingResponse(stream, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def deployment_name(model_id: str) -> str:
+    return "model-" + re.sub(r"[^A-Za-z0-9_-]", "_", model_id)
+
+
+def build_app(cfg: ServeConfig, api_key: str | None = None) -> Any:
+    """The bound application: `serve.run(build_app(cfg, key), ...)`."""
+    handles = {}
+    for m in cfg.models:
+        options: dict[str, Any] = {
+            "name": deployment_name(m.id),
+            "ray_actor_options": {"num_cpus": m.num_cpus, "num_gpus": m.num_gpus},
+            "max_ongoing_requests": m.max_ongoing_requests,
+        }
+        if m.autoscaling is not None:
+            options["autoscaling_config"] = m.autoscaling.model_dump()
+        else:
+            options["num_replicas"] = m.num_replicas
+        handles[m.id] = ModelDeployment.options(**options).bind(m.model_dump())
+    return OpenAIIngress.options(num_replicas=cfg.ingress_replicas, ray_actor_options={"num_cpus": 0}).bind(
+        handles, key_digest(api_key), cfg.max_request_bytes)
