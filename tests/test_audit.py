@@ -1,0 +1,82 @@
+"""The audit report renders on the bundled sample: Markdown with the right numbers, real PNGs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from sp2dpo.data.prepare import DataConfig, prepare
+from sp2dpo.schedule.artifact import build_artifact, read_artifact
+from sp2dpo.schedule.audit import write_audit
+from sp2dpo.schedule.beta import ScheduleConfig
+from sp2dpo.schedule.synthetic import score_annotations
+from sp2dpo.utils import read_parquet, write_parquet
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    root = tmp_path_factory.mktemp("audit")
+    prepare(DataConfig(inputs=["ultrafeedback-sample"], out=str(root / "data")), show_progress=False)
+    pairs = read_parquet(str(root / "data" / "pairs.parquet"))
+    write_parquet(score_annotations(pairs, teachers=2, seed=3, failed_rate=0.05), str(root / "ann" / "a.parquet"))
+    path = str(root / "beta.parquet")
+    build_artifact(str(root / "data" / "pairs.parquet"), str(root / "ann"), path,
+                   ScheduleConfig(noise_policy="drop", reversed_policy="flip"))
+    return root, path
+
+
+def test_audit_report_on_the_sample(artifact, tmp_path):
+    _, path = artifact
+    summary = write_audit(path, str(tmp_path / "audit"))
+    table, meta = read_artifact(path)
+    report = (tmp_path / "audit" / "report.md").read_text()
+    for name in ("beta_hist.png", "beta_by_category.png", "category_magnitude_heatmap.png"):
+        data = (tmp_path / "audit" / name).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 10_000, name
+        assert f"]({name})" in report
+    import matplotlib.image
+
+    height, width, _ = matplotlib.image.imread(str(tmp_path / "audit" / "category_magnitude_heatmap.png")).shape
+    assert width > 600 and height > 300
+
+    category = np.asarray(table["category"].to_pylist())
+    dropped = table["dropped"].to_numpy(zero_copy_only=False)
+    flipped = table["flipped"].to_numpy(zero_copy_only=False)
+    beta = table["beta"].to_numpy(zero_copy_only=False)
+    assert (summary["pairs"], summary["dropped"], summary["flipped"]) == (table.num_rows, dropped.sum(), flipped.sum())
+    assert summary["mean_beta"] == pytest.approx(beta[~dropped].mean())
+    # One row per category with its count and its β mean, as the artifact says.
+    for c in set(category):
+        row = next(line for line in report.splitlines() if line.startswith(f"| {c} |"))
+        cells = [x.strip() for x in row.strip("|").split("|")]
+        assert int(cells[1].replace(",", "")) == (category == c).sum()
+        trained = (category == c) & ~dropped
+        if trained.any():
+            assert float(cells[5]) == pytest.approx(beta[trained].mean(), rel=1e-3)
+        else:
+            assert cells[5] == "–"
+    assert f"## Flipped pairs ({flipped.sum()})" in report and f"## Dropped pairs ({dropped.sum()})" in report
+    first_flipped = table["pair_id"].to_pylist()[int(np.flatnonzero(flipped)[0])]
+    assert f"`{first_flipped}`" in report
+    assert meta["schedule_hash"] in report and meta["beta_digest"] in report
+    assert "reversed_policy: flip" in report and "synthetic-1" in report
+    assert "unanimous (1.0)" in report
+
+
+def test_audit_cli_and_refusal(artifact, tmp_path):
+    root, path = artifact
+    res = subprocess.run([sys.executable, "-m", "sp2dpo.cli", "audit", path, "--out", str(tmp_path / "a"), "--json"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert summary["report"].endswith("report.md") and len(summary["plots"]) == 3
+    # The pairs table is not an artifact: a clear error, no traceback.
+    res = subprocess.run([sys.executable, "-m", "sp2dpo.cli", "audit", str(root / "data" / "pairs.parquet"),
+                          "--out", str(tmp_path / "b")], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "not a β artifact" in res.stderr and "Traceback" not in res.stderr
