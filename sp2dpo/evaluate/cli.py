@@ -1,7 +1,124 @@
-"""`sp2dpo evaluate` commands (registered by sp2dpo.cli)."""
+"""`sp2dpo evaluate generate|judge|score|compare` (registered by sp2dpo.cli)."""
+
+from __future__ import annotations
 
 import typer
+
+from sp2dpo.cli_common import ConfigOpt, JsonOpt, SetOpt, build_config, run_and_report
+
+app = typer.Typer(help="AlpacaEval 2.0: generate, judge, score (win rate and LC win rate), compare runs.",
+                  no_args_is_help=True)
+
+OutOpt = typer.Option(None, "--out", "-o", help="Output directory.")
+LimitOpt = typer.Option(None, help="Only the first N instructions (smoke runs; not leaderboard-comparable).")
+ConcurrencyOpt = typer.Option(None, help="Requests in flight at once.")
+GlmOpt = typer.Option(None, help="length_controlled_v1 (default) | length_controlled_noreg | length_controlled_minimal.")
+DifficultyOpt = typer.Option(None, "--instruction-difficulty", help="AlpacaEval's instruction_difficulty.csv (else an offline estimate).")
+GamedOpt = typer.Option(None, "--df-gamed", help="AlpacaEval's df_gamed.csv (else synthesised from the official GLM weights).")
+MissingOpt = typer.Option(None, "--allow-missing", help="Score without rows whose preference is missing/NaN (counted) instead of refusing.")
+
+
+def _cfg(**values):
+    from sp2dpo.evaluate.config import EvaluateConfig
+
+    config, overrides = values.pop("config"), values.pop("overrides")
+    return build_config(EvaluateConfig, config, overrides, "evaluate", **values)
+
+
+@app.command("generate")
+def generate_cmd(
+    endpoint: str = typer.Option(None, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1."),
+    model: str = typer.Option(None, help="Model id at the endpoint."),
+    name: str = typer.Option(None, help="Generator name written in model_outputs.json (default: the model id)."),
+    out: str = OutOpt,
+    limit: int = LimitOpt,
+    max_tokens: int = typer.Option(None, help="Most tokens per answer (default 2048)."),
+    concurrency: int = ConcurrencyOpt,
+    config: str = ConfigOpt,
+    overrides: list[str] = SetOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Answer the AlpacaEval 2.0 instructions with a served model: OUT/model_outputs.json (resumable)."""
+    from sp2dpo.evaluate.run import generate
+
+    cfg = _cfg(config=config, overrides=overrides, endpoint=endpoint, model=model, name=name, out=out, limit=limit,
+               max_tokens=max_tokens, concurrency=concurrency)
+    run_and_report(lambda: generate(cfg, show_progress=not as_json), as_json, "evaluate generate")
+
+
+@app.command("judge")
+def judge_cmd(
+    model_outputs: str = typer.Argument(..., help="model_outputs.json (AlpacaEval format)."),
+    endpoint: str = typer.Option(None, help="Judge's OpenAI-compatible base URL."),
+    model: str = typer.Option(None, help="Judge model id (gpt-4-1106-preview = the leaderboard's judge)."),
+    out: str = typer.Option(None, "--out", "-o", help="Output directory (default: beside MODEL_OUTPUTS)."),
+    limit: int = LimitOpt,
+    seed: int = typer.Option(None, help="Seed of the output-order randomisation (0 = alpaca_eval's)."),
+    concurrency: int = ConcurrencyOpt,
+    config: str = ConfigOpt,
+    overrides: list[str] = SetOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Judge each output against the gpt4_1106_preview reference: OUT/annotations.json (resumable)."""
+    from sp2dpo.evaluate.run import judge
+
+    cfg = _cfg(config=config, overrides=overrides, judge_endpoint=endpoint, judge_model=model, out=out, limit=limit,
+               seed=seed, concurrency=concurrency)
+    run_and_report(lambda: judge(cfg, model_outputs, show_progress=not as_json), as_json, "evaluate judge")
+
+
+@app.command("score")
+def score_cmd(
+    annotations: str = typer.Argument(..., help="annotations.json (AlpacaEval format)."),
+    glm: str = GlmOpt,
+    instruction_difficulty: str = DifficultyOpt,
+    df_gamed: str = GamedOpt,
+    allow_missing: bool = MissingOpt,
+    out: str = typer.Option(None, "--out", "-o", help="Also write the summary to this JSON file."),
+    config: str = ConfigOpt,
+    overrides: list[str] = SetOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Win rate, its standard error, discrete win rate, average length and LC win rate."""
+    from sp2dpo.evaluate.score import score_annotations
+
+    cfg = _cfg(config=config, overrides=overrides, glm=glm, instruction_difficulty=instruction_difficulty,
+               df_gamed=df_gamed, allow_missing=allow_missing or None)
+
+    def run() -> dict:
+        summary = score_annotations(annotations, glm=cfg.glm, instruction_difficulty=cfg.instruction_difficulty,
+                                    df_gamed=cfg.df_gamed, allow_missing=cfg.allow_missing, eval_set=cfg.eval_set)
+        if out:
+            import json
+            from pathlib import Path
+
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            Path(out).write_text(json.dumps(summary, indent=2, default=str))
+        return summary
+
+    run_and_report(run, as_json, "evaluate score")
+
+
+@app.command("compare")
+def compare_cmd(
+    runs: list[str] = typer.Argument(..., help="NAME=DIR (or DIR, or annotations.json) per run, e.g. base=runs/eval/base."),
+    out: str = typer.Option(None, "--out", "-o", help="Where comparison.md/.json/.png go (default: current dir)."),
+    glm: str = GlmOpt,
+    instruction_difficulty: str = DifficultyOpt,
+    df_gamed: str = GamedOpt,
+    allow_missing: bool = MissingOpt,
+    config: str = ConfigOpt,
+    overrides: list[str] = SetOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Table (WR, LC WR, ± SE, avg length) and PNG bar chart across runs."""
+    from sp2dpo.evaluate.compare import compare
+
+    cfg = _cfg(config=config, overrides=overrides, out=out, glm=glm, instruction_difficulty=instruction_difficulty,
+               df_gamed=df_gamed, allow_missing=allow_missing or None)
+    run_and_report(lambda: compare(runs, cfg), as_json, "evaluate compare")
 
 
 def register(root: typer.Typer) -> None:
     """Add this stage's commands to the root app."""
+    root.add_typer(app, name="evaluate")

@@ -1,0 +1,205 @@
+"""Generation and judging against OpenAI-compatible endpoints (our Serve app, vLLM, a hosted API).
+
+    sp2dpo evaluate generate --endpoint http://127.0.0.1:8000/v1 --model base --out runs/eval/base
+    sp2dpo evaluate judge runs/eval/base/model_outputs.json --endpoint https://api.openai.com/v1 \
+        --model gpt-4-1106-preview --out runs/eval/base
+
+Requests run on the async `openai` client with bounded concurrency; the client retries transient
+failures (connection errors, 408/409/429/5xx) with exponential backoff. Every finished request is
+appended to a `*.partial.jsonl` file beside the output, so a killed or partly failed run resumes
+where it stopped when the same command is run again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+from sp2dpo.evaluate.config import EvaluateConfig
+from sp2dpo.evaluate.protocol import (BASELINE, evaluator_config, is_switched, judge_messages, judge_model_name,
+                                      load_eval_set, parse_preference, read_json_list)
+
+
+def _client(endpoint: str, key_env: str, cfg: EvaluateConfig) -> Any:
+    from openai import AsyncOpenAI
+
+    # Local servers started without a key accept any bearer token.
+    return AsyncOpenAI(base_url=endpoint, api_key=os.environ.get(key_env) or "EMPTY",
+                       max_retries=cfg.max_retries, timeout=cfg.request_timeout_s)
+
+
+def _read_partial(path: Path) -> dict[str, dict]:
+    done: dict[str, dict] = {}
+    if not path.exists():
+        return done
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill: that request is redone
+        if isinstance(row, dict) and isinstance(row.get("instruction"), str):
+            done[row["instruction"]] = row
+    return done
+
+
+def _run_all(todo: list[Any], call: Callable[[Any], Awaitable[dict]], partial: Path, cfg: EvaluateConfig,
+             description: str, show_progress: bool) -> list[str]:
+    """Run `call` on every item with at most cfg.concurrency in flight; append each result to
+    `partial` as it lands. Returns the error messages of the requests that still failed."""
+    from sp2dpo.utils import progress_bar
+
+    errors: list[str] = []
+
+    async def main() -> None:
+        gate = asyncio.Semaphore(cfg.concurrency)
+        with partial.open("a", encoding="utf-8") as sink, progress_bar(len(todo), description, not show_progress) as bar:
+            async def one(item: Any) -> None:
+                async with gate:
+                    try:
+                        row = await call(item)
+                    except Exception as exc:  # the client already retried; keep going, report at the end
+                        errors.append(f"{type(exc).__name__}: {exc}")
+                    else:
+                        sink.write(json.dumps(row, ensure_ascii=False) + "\n")
+                        sink.flush()
+                    bar.update(1)
+
+            await asyncio.gather(*(one(item) for item in todo))
+
+    asyncio.run(main())
+    return errors
+
+
+def _eval_rows(cfg: EvaluateConfig) -> list[dict]:
+    rows = load_eval_set(cfg.eval_set)
+    return rows[: cfg.limit] if cfg.limit else rows
+
+
+def _need(value: Any, flag: str, command: str) -> Any:
+    if not value:
+        raise ValueError(f"`sp2dpo evaluate {command}` needs {flag}")
+    return value
+
+
+def generate(cfg: EvaluateConfig, show_progress: bool = True) -> dict[str, Any]:
+    """Write OUT/model_outputs.json: the model's answer to every eval instruction."""
+    endpoint = _need(cfg.endpoint, "--endpoint", "generate")
+    model = _need(cfg.model, "--model", "generate")
+    out = Path(_need(cfg.out, "--out", "generate"))
+    generator = cfg.name or model
+    out.mkdir(parents=True, exist_ok=True)
+    partial = out / "model_outputs.partial.jsonl"
+    done = _read_partial(partial)
+    others = sorted({r.get("generator") for r in done.values()} - {generator})
+    if others:
+        raise ValueError(f"{partial} holds outputs of {others}, not {generator!r}: use another --out")
+    rows = _eval_rows(cfg)
+    todo = [r for r in rows if r["instruction"] not in done]
+    client = _client(endpoint, cfg.api_key_env, cfg)
+
+    async def call(row: dict) -> dict:
+        response = await client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": row["instruction"]}],
+            max_tokens=cfg.max_tokens, temperature=cfg.temperature)
+        # alpaca_eval strips outputs before judging (is_strip_output=True).
+        text = (response.choices[0].message.content or "").strip()
+        return {"instruction": row["instruction"], "output": text, "generator": generator, "dataset": row.get("dataset")}
+
+    t0 = time.perf_counter()
+    errors = _run_all(todo, call, partial, cfg, f"generate {generator}", show_progress)
+    seconds = time.perf_counter() - t0
+    done = _read_partial(partial)
+    if errors:
+        raise ValueError(f"{len(errors)} of {len(todo)} generation requests failed after {cfg.max_retries} retries "
+                         f"(first: {errors[0]}); {len(done)} outputs are kept in {partial}: rerun the same command to resume")
+    outputs = [done[r["instruction"]] for r in rows]
+    path = out / "model_outputs.json"
+    path.write_text(json.dumps(outputs, ensure_ascii=False, indent=2), encoding="utf-8")
+    return {"model_outputs": str(path), "generator": generator, "n": len(outputs), "generated": len(todo),
+            "resumed": len(rows) - len(todo), "avg_length": int(sum(len(o["output"]) for o in outputs) / len(outputs)),
+            "seconds": round(seconds, 2)}
+
+
+def annotator_label(cfg: EvaluateConfig, judge_model: str) -> str:
+    """The annotator name written in each row: the leaderboard's name only for its own judge."""
+    return cfg.annotator if judge_model == judge_model_name(cfg.annotator) else f"{cfg.annotator}:{judge_model}"
+
+
+def load_model_outputs(path: str | Path, eval_rows: list[dict]) -> list[dict]:
+    """model_outputs.json, checked against the eval set (every instruction known, none repeated)."""
+    rows = read_json_list(path, "model outputs file")
+    known = {r["instruction"] for r in eval_rows}
+    seen: set[str] = set()
+    for i, r in enumerate(rows):
+        if not isinstance(r, dict) or not isinstance(r.get("instruction"), str) or not isinstance(r.get("output"), str):
+            raise ValueError(f"{path}: item {i} needs 'instruction' and 'output' strings")
+        if r["instruction"] not in known:
+            raise ValueError(f"{path}: item {i} has an instruction that is not in the eval set: {r['instruction'][:80]!r}")
+        if r["instruction"] in seen:
+            raise ValueError(f"{path}: item {i} repeats an earlier instruction")
+        seen.add(r["instruction"])
+    if not rows:
+        raise ValueError(f"{path}: no model outputs")
+    generators = sorted({str(r.get("generator")) for r in rows})
+    if len(generators) != 1:
+        raise ValueError(f"{path}: several generators in one file: {generators[:5]}")
+    return rows
+
+
+def judge(cfg: EvaluateConfig, model_outputs: str, show_progress: bool = True) -> dict[str, Any]:
+    """Write OUT/annotations.json: the judge's preference of each model output over the reference."""
+    endpoint = _need(cfg.judge_endpoint, "--endpoint", "judge")
+    judge_model = _need(cfg.judge_model, "--model", "judge")
+    out = Path(cfg.out) if cfg.out else Path(model_outputs).parent
+    out.mkdir(parents=True, exist_ok=True)
+    eval_rows = load_eval_set(cfg.eval_set)
+    reference = {r["instruction"]: r for r in eval_rows}
+    outputs = load_model_outputs(model_outputs, eval_rows)
+    if cfg.limit:
+        outputs = outputs[: cfg.limit]
+    settings = dict(evaluator_config(cfg.annotator)["completions_kwargs"])
+    settings.pop("model_name", None)
+    settings.pop("requires_chatml", None)
+    label = annotator_label(cfg, judge_model)
+    partial = out / "annotations.partial.jsonl"
+    wanted = {o["instruction"]: o["output"] for o in outputs}
+    # A cached judgment counts only for the same output, judge and order seed.
+    done = {k: v for k, v in _read_partial(partial).items()
+            if k in wanted and wanted[k] == v.get("output_2") and v.get("annotator") == label and v.get("seed") == cfg.seed}
+    todo = [o for o in outputs if o["instruction"] not in done]
+    client = _client(endpoint, cfg.judge_api_key_env, cfg)
+
+    async def call(row: dict) -> dict:
+        ref = reference[row["instruction"]]
+        switched = is_switched(row["instruction"], cfg.seed)
+        first, second = (row["output"], ref["output"]) if switched else (ref["output"], row["output"])
+        response = await client.chat.completions.create(
+            model=judge_model, messages=judge_messages(row["instruction"], first, second, cfg.annotator), **settings)
+        completion = response.choices[0].model_dump()
+        preference = parse_preference(completion, switched, cfg.annotator)
+        return {"instruction": row["instruction"], "output_1": ref["output"], "generator_1": ref.get("generator", BASELINE),
+                "dataset": ref.get("dataset"), "output_2": row["output"], "generator_2": row.get("generator"),
+                "annotator": label, "preference": None if math.isnan(preference) else preference,
+                "is_switched_outputs": switched, "seed": cfg.seed, "raw_completion": completion}
+
+    t0 = time.perf_counter()
+    errors = _run_all(todo, call, partial, cfg, f"judge {judge_model}", show_progress)
+    seconds = time.perf_counter() - t0
+    cached = _read_partial(partial)
+    if errors:
+        raise ValueError(f"{len(errors)} of {len(todo)} judge requests failed after {cfg.max_retries} retries "
+                         f"(first: {errors[0]}); finished judgments are kept in {partial}: rerun the same command to resume")
+    annotations = [cached[o["instruction"]] for o in outputs]
+    path = out / "annotations.json"
+    path.write_text(json.dumps(annotations, ensure_ascii=False, indent=2), encoding="utf-8")
+    prefs = [a["preference"] for a in annotations if a["preference"] is not None]
+    return {"annotations": str(path), "annotator": label, "n": len(annotations), "judged": len(todo),
+            "resumed": len(outputs) - len(todo), "n_missing": len(annotations) - len(prefs),
+            "win_rate": round(100 * sum(p - 1 for p in prefs) / len(prefs), 4) if prefs else None,
+            "comparable_with_leaderboard": label == cfg.annotator and not cfg.limit and len(outputs) == len(eval_rows),
+            "seconds": round(seconds, 2)}
