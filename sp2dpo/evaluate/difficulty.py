@@ -123,7 +123,8 @@ def estimate_difficulty(annotations: dict[str, list[dict]], eval_instructions: l
     post /= post.sum(axis=1, keepdims=True)
     posterior_mean = post @ GRID
     ranks = (np.argsort(np.argsort(posterior_mean, kind="stable"), kind="stable") + 0.5) / len(posterior_mean)
-    return np.interp(ranks, np.cumsum(pi), GRID)
+    # Grid point k holds the probability mass around it: its mid-mass rank is cdf_k - pi_k / 2.
+    return np.interp(ranks, np.cumsum(pi) - pi / 2, GRID)
 
 
 def synthetic_gamed(difficulty_values: np.ndarray, reference_lengths: np.ndarray) -> Any:
