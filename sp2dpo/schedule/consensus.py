@@ -16,7 +16,6 @@ decides what happens to it (`unannotated_policy`), it is never silently dropped.
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -41,6 +40,8 @@ CONSENSUS_SCHEMA = pa.schema(
     ]
 )
 VALID_STATUSES = ("ok", "repaired")
+# The annotation columns consensus reads (rationales and raw text stay on disk).
+CONSENSUS_INPUTS = ["pair_id", "teacher", "prompt_version", "category", "magnitude", "confidence", "status"]
 N_LEVELS = MAGNITUDE_MAX - MAGNITUDE_MIN + 1
 
 
@@ -62,57 +63,71 @@ def annotation_files(path: str) -> list[str]:
     return files
 
 
-def read_annotations(path: str) -> pa.Table:
-    """All annotation shards under `path` as one table with ANNOTATIONS_SCHEMA."""
+def read_annotations(path: str, columns: list[str] | None = None) -> pa.Table:
+    """All annotation shards under `path` as one table with ANNOTATIONS_SCHEMA (or its `columns`)."""
     fs, _ = filesystem_and_path(path)
+    schema = ANNOTATIONS_SCHEMA if columns is None else pa.schema([ANNOTATIONS_SCHEMA.field(c) for c in columns])
     tables = []
     for file in annotation_files(path):
-        table = pq.read_table(file, filesystem=fs)
-        missing = [name for name in ANNOTATIONS_SCHEMA.names if name not in table.column_names]
+        names = pq.read_schema(file, filesystem=fs).names
+        missing = [name for name in ANNOTATIONS_SCHEMA.names if name not in names]
         if missing:
             raise ValueError(f"{file}: not an annotations table, missing columns {missing}")
+        table = pq.read_table(file, filesystem=fs, columns=schema.names)
         try:
-            tables.append(table.select(ANNOTATIONS_SCHEMA.names).cast(ANNOTATIONS_SCHEMA))
-        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+            tables.append(table.cast(schema))
+        except (pa.ArrowInvalid, pa.ArrowTypeError, NotImplementedError) as exc:
             raise ValueError(f"{file}: columns do not match the annotations schema: {exc}") from exc
     return pa.concat_tables(tables)
 
 
-def _dedupe(ann: pa.Table) -> tuple[pa.Table, int]:
-    """One row per (pair_id, teacher, prompt_version), sorted by that key: a resumed run may have
-    written a key twice; a valid row wins over a failed one, then the first row read."""
-    rank = pc.if_else(pc.equal(ann["status"], "failed"), 1, 0)
-    ann = ann.append_column("_rank", rank).append_column("_row", pa.array(np.arange(ann.num_rows)))
-    ann = ann.take(pc.sort_indices(ann, sort_keys=[("pair_id", "ascending"), ("teacher", "ascending"),
-                                                   ("prompt_version", "ascending"), ("_rank", "ascending"),
-                                                   ("_row", "ascending")]))
-    key = [ann[c].to_numpy(zero_copy_only=False) for c in ("pair_id", "teacher", "prompt_version")]
-    first = np.ones(ann.num_rows, dtype=bool)
-    if ann.num_rows > 1:
-        first[1:] = ~((key[0][1:] == key[0][:-1]) & (key[1][1:] == key[1][:-1]) & (key[2][1:] == key[2][:-1]))
-    return ann.filter(pa.array(first)).drop_columns(["_rank", "_row"]), int((~first).sum())
+def _sorted_codes(values: pa.ChunkedArray) -> np.ndarray:
+    """Integer codes that sort like the strings (rank in the sorted distinct values)."""
+    distinct = pc.unique(values)
+    distinct = distinct.take(pc.sort_indices(distinct))
+    return pc.index_in(values, value_set=distinct).to_numpy(zero_copy_only=False).astype(np.int64)
 
 
 def consensus(annotations: pa.Table, pair_ids: pa.Array | pa.ChunkedArray) -> tuple[pa.Table, dict[str, Any]]:
-    """One consensus row per pair, in the order of `pair_ids`, and the annotation provenance."""
+    """One consensus row per pair, in the order of `pair_ids`, and the annotation provenance.
+
+    Annotation rows are first put in a canonical order (pair, teacher, prompt_version), so neither
+    the shard layout nor the row order can change a single bit of the result.
+    """
     statuses = set(pc.unique(annotations["status"]).to_pylist())
     if statuses - set(ANNOTATION_STATUSES):
         raise ValueError(f"unknown annotation status {sorted(map(str, statuses - set(ANNOTATION_STATUSES)))}; "
                          f"expected one of {list(ANNOTATION_STATUSES)}")
-    ann, duplicates = _dedupe(annotations)
-    pair_index = pc.index_in(ann["pair_id"], value_set=pair_ids)
+    pair_index = pc.index_in(annotations["pair_id"], value_set=pair_ids)
     orphans = pair_index.null_count  # annotations of pairs that are not in this pairs table
-    ann = ann.filter(pc.is_valid(pair_index))
-    pair_index = pair_index.drop_null().to_numpy().astype(np.int64)
-    status = ann["status"].to_numpy(zero_copy_only=False)
-    valid = np.isin(status, VALID_STATUSES)
+    ann = annotations.filter(pc.is_valid(pair_index))
+    pair_index = pair_index.drop_null().to_numpy(zero_copy_only=False).astype(np.int64)
+
+    # A resumed run may have written a (pair, teacher, prompt_version) twice: keep one row, a valid
+    # one over a failed one, then the first read.
+    teacher, version = _sorted_codes(ann["teacher"]), _sorted_codes(ann["prompt_version"])
+    failed_rank = pc.equal(ann["status"], "failed").to_numpy(zero_copy_only=False).astype(np.int64)
+    order = np.lexsort((np.arange(ann.num_rows), failed_rank, version, teacher, pair_index))
+    key = np.stack([pair_index[order], teacher[order], version[order]])
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = np.any(key[:, 1:] != key[:, :-1], axis=0)
+    order = order[first]
+    duplicates = int((~first).sum())
+    ann, pair_index = ann.take(pa.array(order)), pair_index[order]
+
+    valid = pc.is_in(ann["status"], value_set=pa.array(VALID_STATUSES)).to_numpy(zero_copy_only=False)
+
+    def counts(column: str) -> dict[str, int]:
+        vc = pc.value_counts(ann[column])
+        return dict(sorted(zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist())))
+
     provenance = {
         "annotation_rows": annotations.num_rows,
         "duplicate_rows": duplicates,
         "orphan_rows": orphans,
-        "status_counts": dict(sorted(Counter(status.tolist()).items())),
-        "teachers": dict(sorted(Counter(ann["teacher"].to_pylist()).items())),
-        "prompt_versions": dict(sorted(Counter(ann["prompt_version"].to_pylist()).items())),
+        "status_counts": counts("status"),
+        "teachers": counts("teacher"),
+        "prompt_versions": counts("prompt_version"),
     }
 
     good = ann.filter(pa.array(valid))
