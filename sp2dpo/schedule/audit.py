@@ -138,6 +138,10 @@ def plot_heatmap(col: dict[str, np.ndarray], categories: list[str]) -> bytes:
             if trained.any():
                 mean_beta[i, j] = col["beta"][trained].mean()
     fig, ax = plt.subplots(figsize=(1.1 * len(levels) + 3, 0.6 * max(len(rows), 1) + 1.6))
+    if not rows:
+        ax.text(0.5, 0.5, "no annotated pairs", ha="center", va="center", transform=ax.transAxes)
+        ax.set_axis_off()
+        return _png(fig)
     image = ax.imshow(counts, cmap="Blues", aspect="auto")
     fig.colorbar(image, ax=ax, label="pairs")
     threshold = counts.max() / 2 if counts.size else 0
