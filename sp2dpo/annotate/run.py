@@ -1,0 +1,217 @@
+"""Annotate a pairs table with one teacher and prompt version, streaming through Ray Data.
+
+    sp2dpo annotate --pairs runs/data/pairs.parquet --teacher ratings --out runs/ann --json
+    sp2dpo annotate --pairs runs/data --teacher vllm --prompt-version v1-swapped --out runs/ann
+
+The driver works out which pairs still need this (teacher, prompt_version) from the shards
+already in OUT (resume), builds a Ray Data pipeline over the pairs file — `read_parquet` → keep
+the pairs still to do → teacher — and writes the rows as they stream back, in atomic shards
+(sp2dpo/annotate/store.py). The teacher is a vectorised `map_batches` function for `ratings`,
+and an autoscaling pool of actors, each holding one engine (a `vllm.LLM`, an async OpenAI
+client, or a transformers model), for the LLM teachers.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Iterator
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from sp2dpo.annotate.config import AnnotateConfig
+from sp2dpo.annotate.schema import ANNOTATIONS_SCHEMA
+from sp2dpo.annotate.store import ShardStore
+from sp2dpo.utils import filesystem_and_path, join_uri, progress_bar
+
+LLM_COLUMNS = ["pair_id", "prompt", "chosen", "rejected", "prompt_messages"]
+RATINGS_COLUMNS = ["pair_id", "score_chosen", "score_rejected"]
+
+
+def resolve_pairs(uri: str) -> str:
+    """`pairs.parquet`, or the directory `sp2dpo data prepare` wrote it to."""
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem_and_path(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.Directory:
+        return resolve_pairs(join_uri(uri, "pairs.parquet"))
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"pairs not found: {uri} (write it with `sp2dpo data prepare`)")
+    return uri
+
+
+def _pair_ids(pairs_uri: str, columns: list[str]) -> list[str]:
+    fs, path = filesystem_and_path(pairs_uri)
+    try:
+        names = pq.read_schema(path, filesystem=fs).names
+    except pa.ArrowInvalid as exc:
+        raise ValueError(f"{pairs_uri} is not a Parquet file: {exc}") from exc
+    missing = [c for c in columns if c not in names]
+    if missing:
+        raise ValueError(f"{pairs_uri} is not a pairs table: missing columns {missing}")
+    return pq.read_table(path, filesystem=fs, columns=["pair_id"])["pair_id"].to_pylist()
+
+
+# ----------------------------------------------------------------------------- Ray Data stages
+
+
+def _keep(batch: pa.Table, value_set: pa.Array) -> pa.Table:
+    return batch.filter(pc.is_in(batch["pair_id"], value_set=value_set))
+
+
+def _ratings(batch: pa.Table, options: dict, prompt_version: str) -> pa.Table:
+    from sp2dpo.annotate.config import RatingsOptions
+    from sp2dpo.annotate.ratings import ratings_annotations
+
+    return ratings_annotations(batch, RatingsOptions.model_validate(options), prompt_version)
+
+
+class TeacherActor:
+    """A Ray Data actor: builds its engine once, then annotates batch after batch."""
+
+    def __init__(self, config: dict):
+        from sp2dpo.annotate.engines import LLMTeacher, build_engine
+
+        cfg = AnnotateConfig.model_validate(config)
+        self.teacher = LLMTeacher(build_engine(cfg), cfg)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = self.teacher.annotate(batch.to_pylist())
+        return pa.Table.from_pylist(rows, schema=ANNOTATIONS_SCHEMA)
+
+
+def _pool_resources(config: AnnotateConfig) -> dict[str, Any]:
+    import ray
+
+    pool = config.pool
+    num_gpus = pool.num_gpus
+    if num_gpus is None:
+        has_gpus = ray.cluster_resources().get("GPU", 0) > 0
+        num_gpus = config.vllm.tensor_parallel_size if (config.teacher == "vllm" and has_gpus) else 0
+    concurrency = pool.min_actors if pool.min_actors == pool.max_actors else (pool.min_actors, pool.max_actors)
+    return {"concurrency": concurrency, "num_gpus": num_gpus, "num_cpus": pool.num_cpus}
+
+
+def stream_annotations(config: AnnotateConfig, pairs_uri: str, todo: list[str]) -> Iterator[pa.Table]:
+    """Annotation batches for the `todo` pairs, as the Ray Data pipeline produces them."""
+    import ray.data
+
+    from sp2dpo.utils import init_ray
+
+    init_ray()
+    value_set = pa.array(todo, pa.string())
+    fs, path = filesystem_and_path(pairs_uri)
+    columns = RATINGS_COLUMNS if config.teacher == "ratings" else LLM_COLUMNS
+    ds = ray.data.read_parquet(path, filesystem=fs, columns=columns)
+    ds = ds.map_batches(_keep, fn_kwargs={"value_set": value_set}, batch_format="pyarrow", batch_size=None)
+    if config.teacher == "ratings":
+        ds = ds.map_batches(_ratings, fn_kwargs={"options": config.ratings.model_dump(),
+                                                 "prompt_version": config.resolved_prompt_version},
+                            batch_format="pyarrow", batch_size=config.ratings_batch_size)
+    else:
+        ds = ds.map_batches(TeacherActor, fn_constructor_kwargs={"config": config.model_dump()},
+                            batch_format="pyarrow", batch_size=config.pool.batch_size, **_pool_resources(config))
+    yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def annotate(config: AnnotateConfig, show_progress: bool = True) -> dict[str, Any]:
+    """Annotate the pairs still missing for this teacher and prompt version; return the summary."""
+    t0 = time.perf_counter()
+    pairs_uri = resolve_pairs(config.pairs)
+    teacher, version = config.resolved_teacher_name, config.resolved_prompt_version
+    ids = _pair_ids(pairs_uri, RATINGS_COLUMNS if config.teacher == "ratings" else LLM_COLUMNS)
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{pairs_uri}: pair_id is not unique (prepare the pairs with `sp2dpo data prepare`)")
+    if config.limit is not None:
+        ids = ids[: config.limit]
+
+    store = ShardStore(config.out, teacher, version)
+    stale = store.remove_stale_tmp()
+    compacted = store.compact()  # finish what an interrupted --retry-failed run left
+    done_ok, done_failed = store.done()
+    redo = done_failed if config.retry_failed else set()
+    todo = [i for i in ids if i not in done_ok and (i not in done_failed or i in redo)]
+    todo_set = set(todo)
+    skipped = len(ids) - len(todo)
+
+    counts = {"ok": 0, "repaired": 0, "failed": 0}
+    tokens = {"prompt": 0, "completion": 0}
+    written: set[str] = set()
+    shards: list[str] = []
+    pending: list[pa.Table] = []
+    pending_rows = 0
+    t_stream = time.perf_counter()
+    last_flush = t_stream
+
+    def flush() -> None:
+        nonlocal pending, pending_rows, last_flush
+        if pending_rows:
+            shards.append(store.write(pa.concat_tables(pending)))
+        pending, pending_rows, last_flush = [], 0, time.perf_counter()
+
+    with progress_bar(len(todo), f"annotate {teacher} {version}", disable=not show_progress) as bar:
+        if todo:
+            for batch in stream_annotations(config, pairs_uri, todo):
+                # Exactly once per key, even if a retried Ray task delivers a batch twice.
+                batch_ids = batch["pair_id"].to_pylist()
+                keep = [i for i, pid in enumerate(batch_ids) if pid in todo_set and pid not in written]
+                if len(keep) != len(batch_ids):
+                    batch = batch.take(pa.array(keep, pa.int64()))
+                    batch_ids = [batch_ids[i] for i in keep]
+                written.update(batch_ids)
+                if batch.num_rows == 0:
+                    continue
+                for status, n in zip(*_value_counts(batch["status"])):
+                    counts[status] += n
+                tokens["prompt"] += pc.sum(batch["prompt_tokens"]).as_py() or 0
+                tokens["completion"] += pc.sum(batch["completion_tokens"]).as_py() or 0
+                pending.append(batch.cast(ANNOTATIONS_SCHEMA))
+                pending_rows += batch.num_rows
+                now = time.perf_counter()
+                if pending_rows >= config.shard_rows or now - last_flush >= config.flush_s:
+                    flush()
+                elapsed = max(now - t_stream, 1e-9)
+                bar.update(batch.num_rows)
+                bar.set_postfix_str(f"{len(written) / elapsed:,.1f} rows/s, "
+                                    f"{(tokens['prompt'] + tokens['completion']) / elapsed:,.0f} tok/s", refresh=False)
+                if config.max_rows_per_s:
+                    ahead = len(written) / config.max_rows_per_s - (time.perf_counter() - t_stream)
+                    if ahead > 0:
+                        time.sleep(ahead)
+            flush()
+    stream_s = time.perf_counter() - t_stream
+    seconds = time.perf_counter() - t0
+    n = sum(counts.values())
+    missing = todo_set - written
+    if missing:
+        raise RuntimeError(f"{len(missing)} pairs produced no annotation row (e.g. {sorted(missing)[:3]})")
+    return {
+        "teacher": teacher,
+        "prompt_version": version,
+        "engine": config.teacher,
+        "pairs": len(ids),
+        "annotated": counts["ok"] + counts["repaired"],
+        "repaired": counts["repaired"],
+        "failed": counts["failed"],
+        "skipped": skipped,
+        "retried": len(redo & todo_set),
+        "superseded_failed_rows_removed": compacted + (store.compact() if redo else 0),
+        "stale_tmp_removed": stale,
+        "shards": len(shards),
+        "out": store.dir,
+        "prompt_tokens": tokens["prompt"],
+        "completion_tokens": tokens["completion"],
+        "seconds": round(seconds, 3),
+        "rows_per_s": round(n / stream_s, 2) if n and stream_s > 0 else 0.0,
+        "tokens_per_s": round((tokens["prompt"] + tokens["completion"]) / stream_s, 1) if n and stream_s > 0 else 0.0,
+    }
+
+
+def _value_counts(column: pa.ChunkedArray | pa.Array) -> tuple[list[str], list[int]]:
+    vc = pc.value_counts(column)
+    return vc.field("values").to_pylist(), vc.field("counts").to_pylist()

@@ -1,0 +1,154 @@
+"""The annotations directory: atomic Parquet shards, the keys already done, and compaction.
+
+    OUT/<teacher>/<prompt_version>/part-<run>-<seq>.parquet     (ANNOTATIONS_SCHEMA)
+
+One directory per (teacher, prompt_version), so several teachers and prompt variants share one
+OUT and the schedule's consensus reads them all (recursively). A shard is written to a hidden
+`.tmp-*` file and renamed into place, so a run killed at any instant (even `kill -9`) leaves only
+whole shards; readers skip names starting with "." or "_". The run id is a UTC timestamp, so
+shard names sort in the order they were written.
+
+Resume reads the keys (pair_id) already present. With `--retry-failed`, a failed row's pair is
+asked again; its new row supersedes the failed one: after the new shard is safely written, the
+shards holding superseded failed rows are rewritten without them (atomically). If a run dies
+between the two steps, the next run finishes the compaction first, and a reader that meets both
+rows in the meantime keeps the non-failed one (`read_annotations` here; the schedule's consensus
+does the same).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from sp2dpo.annotate.schema import ANNOTATIONS_SCHEMA
+from sp2dpo.utils import filesystem_and_path, join_uri
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def slug(name: str) -> str:
+    """A directory name for a teacher or prompt version (`vllm:org/model` → `vllm_org_model`)."""
+    cleaned = _UNSAFE.sub("_", name).strip("._")
+    return cleaned or "_"
+
+
+def shard_files(uri: str) -> list[str]:
+    """Every visible `*.parquet` under `uri`, recursively, sorted (oldest run first)."""
+    fs, root = filesystem_and_path(uri)
+    if fs.get_file_info(root).type == pafs.FileType.NotFound:
+        return []
+    return sorted(
+        f.path for f in fs.get_file_info(pafs.FileSelector(root, recursive=True))
+        if f.type == pafs.FileType.File and f.path.endswith(".parquet") and not f.base_name.startswith((".", "_"))
+    )
+
+
+def read_shards(uri: str, columns: list[str] | None = None) -> pa.Table:
+    """All rows of all shards under `uri` (file order), as ANNOTATIONS_SCHEMA or its `columns`."""
+    fs, _ = filesystem_and_path(uri)
+    schema = ANNOTATIONS_SCHEMA if columns is None else pa.schema([ANNOTATIONS_SCHEMA.field(c) for c in columns])
+    tables = [pq.read_table(path, filesystem=fs, columns=schema.names).cast(schema) for path in shard_files(uri)]
+    return pa.concat_tables(tables) if tables else schema.empty_table()
+
+
+def read_annotations(uri: str) -> pa.Table:
+    """The annotations table under `uri`: one row per (pair_id, teacher, prompt_version), the
+    latest non-failed row if there is one, else the latest failed row."""
+    table = read_shards(uri)
+    if table.num_rows == 0:
+        return table
+    keys = list(zip(table["pair_id"].to_pylist(), table["teacher"].to_pylist(), table["prompt_version"].to_pylist()))
+    good = pc.not_equal(table["status"], "failed").to_pylist()
+    best: dict[tuple, int] = {}
+    for i, key in enumerate(keys):  # later rows win among equals
+        j = best.get(key)
+        if j is None or good[i] or not good[j]:
+            best[key] = i
+    return table.take(pa.array(sorted(best.values()), pa.int64()))
+
+
+@dataclass
+class ShardStore:
+    out: str
+    teacher: str
+    prompt_version: str
+    run_id: str = field(default_factory=lambda: time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{os.getpid()}")
+    seq: int = 0
+
+    @property
+    def dir(self) -> str:
+        return join_uri(self.out, slug(self.teacher), slug(self.prompt_version))
+
+    def _mine(self, table: pa.Table) -> pa.Table:
+        """Rows of this teacher and prompt version (a directory could be shared after slugging)."""
+        mask = pc.and_(pc.equal(table["teacher"], self.teacher), pc.equal(table["prompt_version"], self.prompt_version))
+        return table.filter(mask)
+
+    def write(self, table: pa.Table) -> str:
+        """Write one shard atomically; returns its path."""
+        self.seq += 1
+        name = f"part-{self.run_id}-{self.seq:06d}.parquet"
+        return self._write_atomic(table.cast(ANNOTATIONS_SCHEMA), join_uri(self.dir, name))
+
+    def _write_atomic(self, table: pa.Table, uri: str) -> str:
+        fs, path = filesystem_and_path(uri)
+        fs.create_dir(os.path.dirname(path), recursive=True)
+        if isinstance(fs, pafs.LocalFileSystem):
+            tmp = os.path.join(os.path.dirname(path), f".tmp-{os.getpid()}-{os.path.basename(path)}")
+            pq.write_table(table, tmp)
+            os.replace(tmp, path)
+        else:  # object stores publish an object only when its upload completes
+            pq.write_table(table, path, filesystem=fs)
+        return uri
+
+    def remove_stale_tmp(self) -> int:
+        """Delete half-written `.tmp-*` files left by a killed run."""
+        fs, root = filesystem_and_path(self.dir)
+        if not isinstance(fs, pafs.LocalFileSystem) or not os.path.isdir(root):
+            return 0
+        stale = [f for f in os.listdir(root) if f.startswith(".tmp-")]
+        for name in stale:
+            os.remove(os.path.join(root, name))
+        return len(stale)
+
+    def done(self) -> tuple[set[str], set[str]]:
+        """(pair_ids with a valid annotation, pair_ids whose only annotations failed)."""
+        table = self._mine(read_shards(self.dir, ["pair_id", "teacher", "prompt_version", "status"]))
+        ok = set(table.filter(pc.not_equal(table["status"], "failed"))["pair_id"].to_pylist())
+        bad = set(table.filter(pc.equal(table["status"], "failed"))["pair_id"].to_pylist()) - ok
+        return ok, bad
+
+    def compact(self) -> int:
+        """Drop failed rows whose pair has a valid row (superseded by --retry-failed), rewriting
+        only the shards that hold them; returns the number of rows dropped."""
+        ok, _ = self.done()
+        if not ok:
+            return 0
+        dropped = 0
+        fs, _ = filesystem_and_path(self.dir)
+        value_set = pa.array(sorted(ok), pa.string())
+        for path in shard_files(self.dir):
+            table = pq.read_table(path, filesystem=fs).cast(ANNOTATIONS_SCHEMA)
+            superseded = pc.and_(
+                pc.and_(pc.equal(table["status"], "failed"), pc.is_in(table["pair_id"], value_set=value_set)),
+                pc.and_(pc.equal(table["teacher"], self.teacher), pc.equal(table["prompt_version"], self.prompt_version)),
+            )
+            n = pc.sum(superseded.cast(pa.int64())).as_py() or 0
+            if n == 0:
+                continue
+            uri = path if isinstance(fs, pafs.LocalFileSystem) else f"{self.out.split('://')[0]}://{path}"
+            keep = table.filter(pc.invert(superseded))
+            if keep.num_rows:
+                self._write_atomic(keep, uri)
+            else:
+                fs.delete_file(path)
+            dropped += n
+        return dropped

@@ -1,0 +1,171 @@
+"""Pure cores of the annotate stage: parsing and repair, the ratings teacher, prompts, the shard store."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from sp2dpo.annotate.config import AnnotateConfig, RatingsOptions
+from sp2dpo.annotate.parse import parse_annotation
+from sp2dpo.annotate.prompts import PROMPT_VERSIONS, build_messages, map_back
+from sp2dpo.annotate.ratings import ratings_annotations
+from sp2dpo.annotate.schema import ANNOTATIONS_SCHEMA, CATEGORIES, Annotation
+from sp2dpo.annotate.store import ShardStore, read_annotations, shard_files, slug
+
+GOOD = {"category": "factuality", "magnitude": 2, "confidence": 0.8, "rationale": "B invents a date."}
+
+
+def test_strict_json_is_ok():
+    p = parse_annotation(json.dumps(GOOD))
+    assert p.status == "ok" and p.repairs == []
+    assert (p.category, p.magnitude, p.confidence, p.rationale) == ("factuality", 2, 0.8, "B invents a date.")
+
+
+@pytest.mark.parametrize("text, repair", [
+    ("```json\n" + json.dumps(GOOD) + "\n```", "code fence"),
+    ("Sure! Here is my annotation: " + json.dumps(GOOD) + " Hope this helps {really}.", "surrounding text"),
+    ("{'category': 'factuality', 'magnitude': 2, 'confidence': 0.8, 'rationale': \"B's date is wrong\"}", "single quotes"),
+    ('{"category": "factuality", "magnitude": 2, "confidence": 0.8, "rationale": "x",}', "trailing comma"),
+    ('{"category": "Factuality", "magnitude": 2, "confidence": 0.8, "rationale": "x"}', "read as"),
+    ('{"category": "factuality", "magnitude": "2", "confidence": 0.8, "rationale": "x"}', "as a string"),
+    ('{"category": "factuality", "magnitude": 2, "confidence": 0.8}', "missing rationale"),
+    ('{"category": "factuality", "magnitude": 2, "confidence": 0.8, "rationale": "x", "winner": "A"}', "extra keys"),
+])
+def test_near_json_is_repaired_and_flagged(text, repair):
+    p = parse_annotation(text)
+    assert p.status == "repaired", p
+    assert any(repair in r for r in p.repairs), p.repairs
+    assert p.category == "factuality" and p.magnitude == 2 and p.confidence == 0.8
+    Annotation(category=p.category, magnitude=p.magnitude, confidence=p.confidence, rationale=p.rationale)
+
+
+def test_out_of_range_values_are_clamped_and_flagged():
+    p = parse_annotation('{"category": "instruction following", "magnitude": 7, "confidence": 1.6, "rationale": "' + "y" * 300 + '"}')
+    assert p.status == "repaired"
+    assert (p.category, p.magnitude, p.confidence, len(p.rationale)) == ("instruction_following", 3, 1.0, 200)
+    assert {"magnitude 7 clamped to 3", "confidence 1.6 clamped to 1", "rationale cut to 200 characters"} <= set(p.repairs)
+    low = parse_annotation('{"category": "style", "magnitude": -2, "confidence": -0.5, "rationale": ""}')
+    assert (low.status, low.magnitude, low.confidence) == ("repaired", 0, 0.0)
+    frac = parse_annotation('{"category": "style", "magnitude": 1.6, "confidence": 0.5, "rationale": ""}')
+    assert frac.magnitude == 2 and "magnitude 1.6 rounded" in frac.repairs
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("", "empty output"),
+    (None, "empty output"),
+    ("I think A is better.", "no JSON object"),
+    ('{"category": "vibes", "magnitude": 1, "confidence": 0.5}', "unknown category"),
+    ('{"category": "style", "confidence": 0.5}', "missing field 'magnitude'"),
+    ('{"category": "style", "magnitude": "big", "confidence": 0.5}', "not a number"),
+    ('{"category": "style", "magnitude": 1, "confidence": NaN}', "not a number"),
+    ('{"category": "factuality", "magnitude": 2, "confidence": 0.8, "rationale": "cut off mid', "no JSON object"),
+    ("[1, 2, 3]", "no JSON object"),
+])
+def test_unusable_output_fails_with_reason(text, reason):
+    p = parse_annotation(text)
+    assert p.status == "failed" and p.category is None and p.magnitude is None and p.confidence is None
+    assert any(reason in r for r in p.repairs), p.repairs
+    row = p.as_row()
+    assert row["status"] == "failed" and json.loads(row["repairs"])
+
+
+def test_parser_never_raises_on_garbage():
+    rng = np.random.default_rng(0)
+    alphabet = list('{}[]":,\'0123456789.abcdefgh \n\\`-eE+')
+    for _ in range(2000):
+        text = "".join(rng.choice(alphabet, size=int(rng.integers(0, 60))))
+        assert parse_annotation(text).status in ("ok", "repaired", "failed")
+
+
+def _scores(chosen, rejected):
+    n = len(chosen)
+    return pa.table({"pair_id": [f"p{i}" for i in range(n)],
+                     "score_chosen": pa.array(chosen, pa.float64()), "score_rejected": pa.array(rejected, pa.float64())})
+
+
+def test_ratings_teacher_maps_score_gaps():
+    batch = _scores([8.0, 7.0, 7.5, 9.0, 10.0, 3.0, None, 6.0],
+                    [8.0, 6.9, 7.0, 7.0, 1.0, 6.0, 5.0, None])
+    table = ratings_annotations(batch, RatingsOptions(), "ratings-v1")
+    assert table.schema == ANNOTATIONS_SCHEMA
+    rows = table.to_pylist()
+    got = [(r["category"], r["magnitude"], r["status"]) for r in rows]
+    assert got == [
+        ("no_real_difference", 0, "ok"),  # tie
+        ("no_real_difference", 0, "ok"),  # 0.1 < tie_gap
+        ("style", 1, "ok"),  # 0.5
+        ("helpfulness", 2, "ok"),  # 2.0
+        ("helpfulness", 3, "ok"),  # 9.0
+        ("reversed", 2, "ok"),  # -3.0
+        (None, None, "failed"),  # no chosen score
+        (None, None, "failed"),  # no rejected score
+    ]
+    conf = [r["confidence"] for r in rows[:6]]
+    assert conf[0] == 0.5 and conf[4] == 1.0 and conf[2] < conf[3] < conf[4]
+    assert json.loads(rows[6]["repairs"]) == ["no scores"]
+    assert all(r["teacher"] == "ratings" and r["prompt_version"] == "ratings-v1" for r in rows)
+    assert all(r["category"] in CATEGORIES for r in rows if r["status"] == "ok")
+
+
+def test_ratings_prompt_version_is_fixed():
+    assert AnnotateConfig(teacher="ratings").resolved_prompt_version == "ratings-v1"
+    assert AnnotateConfig(teacher="vllm").resolved_prompt_version == "v1"
+    assert AnnotateConfig(teacher="vllm").resolved_teacher_name == "vllm:SmolLM2-135M-Instruct"
+    assert AnnotateConfig(teacher="openai", model="gpt-x").resolved_teacher_name == "openai:gpt-x"
+    with pytest.raises(ValueError, match="reads no prompt"):
+        AnnotateConfig(teacher="ratings", prompt_version="v1")
+    with pytest.raises(ValueError, match="unknown prompt version"):
+        AnnotateConfig(teacher="vllm", prompt_version="v9")
+    with pytest.raises(ValueError, match="needs --model"):
+        AnnotateConfig(teacher="openai")
+
+
+PAIR = {"pair_id": "x", "prompt": "What is 2+2?", "chosen": "It is 4.", "rejected": "It is 5.", "prompt_messages": None}
+
+
+def test_prompt_versions_present_both_orders_and_map_back():
+    assert {"v1", "v1-swapped"} <= set(PROMPT_VERSIONS)
+    v1 = build_messages(PAIR, "v1")[1]["content"]
+    sw = build_messages(PAIR, "v1-swapped")[1]["content"]
+    assert v1.index("It is 4.") < v1.index("It is 5.") and "preferred Response A" in v1
+    assert sw.index("It is 5.") < sw.index("It is 4.") and "preferred Response B" in sw
+    assert '{"category": "...", "magnitude": 0' in v1 and all(c in v1 for c in CATEGORIES)
+    # Under v1-swapped the chosen answer is B: the stored rationale is rewritten to A = chosen.
+    assert map_back("Response B is correct; Response A says 5.", "v1-swapped") == "Response A is correct; Response B says 5."
+    assert map_back("Response B is correct.", "v1") == "Response B is correct."
+    multi = dict(PAIR, prompt_messages=json.dumps([{"role": "system", "content": "Be terse."},
+                                                   {"role": "user", "content": "What is 2+2?"}]))
+    assert "[system]\nBe terse." in build_messages(multi, "v1")[1]["content"]
+
+
+def _rows(ids, status="ok", teacher="t", version="v1"):
+    return pa.Table.from_pylist([
+        {"pair_id": i, "teacher": teacher, "prompt_version": version, "status": status,
+         "category": None if status == "failed" else "style", "magnitude": None if status == "failed" else 1,
+         "confidence": None if status == "failed" else 0.5, "rationale": None, "repairs": None, "raw_text": "r",
+         "prompt_tokens": 1, "completion_tokens": 1} for i in ids], schema=ANNOTATIONS_SCHEMA)
+
+
+def test_store_done_keys_compaction_and_reader(tmp_path):
+    store = ShardStore(str(tmp_path), "vllm:org/m", "v1-swapped", run_id="r1")
+    assert store.dir.endswith("vllm_org_m/v1-swapped") and slug("a b/c") == "a_b_c"
+    store.write(_rows(["a", "b"], teacher="vllm:org/m", version="v1-swapped"))
+    store.write(_rows(["c"], "failed", teacher="vllm:org/m", version="v1-swapped"))
+    (tmp_path / "vllm_org_m" / "v1-swapped" / ".tmp-1-part.parquet").write_bytes(b"half a shard")
+    assert len(shard_files(str(tmp_path))) == 2  # the hidden tmp file is never read
+    assert store.done() == ({"a", "b"}, {"c"})
+    assert store.remove_stale_tmp() == 1
+    # A retry succeeded: the failed row is superseded; the reader prefers it already, compaction removes it.
+    store.write(_rows(["c"], teacher="vllm:org/m", version="v1-swapped"))
+    both = read_annotations(str(tmp_path))
+    assert sorted(both["pair_id"].to_pylist()) == ["a", "b", "c"] and set(both["status"].to_pylist()) == {"ok"}
+    assert store.compact() == 1
+    files = shard_files(str(tmp_path))
+    assert len(files) == 2  # the shard that held only the failed row is gone
+    rows = pa.concat_tables([pq.read_table(f) for f in files])
+    assert sorted(rows["pair_id"].to_pylist()) == ["a", "b", "c"] and "failed" not in rows["status"].to_pylist()
+    assert store.compact() == 0
