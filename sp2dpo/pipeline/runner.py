@@ -228,7 +228,13 @@ def run_pipeline(
         else:
             console.rule(f"{label}: {stage.description or stage.name}", style="cyan")
             console.print(f"[dim]output: {path}[/]")
-            result = _run_stage(stage, config, p, results, console)
+            try:
+                result = _run_stage(stage, config, p, results, console)
+            except StageFailed:
+                console.print(f"[red]✗[/] {label} [dim]failed; traceback in {join_uri(path, ERROR_FILE)}[/]")
+                manifest["stages"].append({"name": stage.name, "key": key, "path": path, "status": "failed"})
+                write_json(join_uri(run_dir, MANIFEST), manifest)
+                raise
             console.print(f"[green]✓[/] {label} [dim]done in {result.seconds:.1f} s[/]")
         results[stage.name] = result
         if not dry_run:
