@@ -25,6 +25,11 @@ from sp2dpo.evaluate.run import generate, judge
 from sp2dpo.evaluate.score import score_annotations
 
 
+def _summary(output: str) -> dict:
+    """The --json summary line; Ray may interleave its worker logs into the same stdout."""
+    return next(json.loads(line) for line in reversed(output.strip().splitlines()) if line.startswith("{"))
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -172,12 +177,12 @@ def test_end_to_end_smollm2_served_generate_judge_score(tmp_path, smollm2_dir):
         gen = runner.invoke(app, ["evaluate", "generate", "--endpoint", url, "--model", "base", "--limit", "4",
                                   "--max-tokens", "48", "--out", str(tmp_path), "--json"])
         assert gen.exit_code == 0, gen.output
-        gsum = json.loads(gen.output.strip().splitlines()[-1])
+        gsum = _summary(gen.output)
         assert gsum["n"] == 4 and gsum["avg_length"] > 0
         jud = runner.invoke(app, ["evaluate", "judge", str(tmp_path / "model_outputs.json"), "--endpoint", url,
                                   "--model", "base", "--json"])
         assert jud.exit_code == 0, jud.output
-        jsum = json.loads(jud.output.strip().splitlines()[-1])
+        jsum = _summary(jud.output)
     finally:
         stop_server()
     annotations = json.loads((tmp_path / "annotations.json").read_text())
@@ -191,7 +196,7 @@ def test_end_to_end_smollm2_served_generate_judge_score(tmp_path, smollm2_dir):
         assert scored.exit_code == 2 and "no row has a preference" in scored.output
         return
     assert scored.exit_code == 0, scored.output
-    summary = json.loads(scored.output.strip().splitlines()[-1])
+    summary = _summary(scored.output)
     assert summary["n"] + summary["n_missing"] == 4
     assert 0 <= summary["win_rate"] <= 100 and 0 <= summary["lc_win_rate"] <= 100
     assert summary["comparable_with_leaderboard"] is False
