@@ -1,0 +1,135 @@
+"""Throughput and p50/p99 latency at concurrency 1, 8 and 32: through Ray Serve vs. in-process.
+
+    python benchmarks/bench_serve.py [--engine transformers|vllm] [--max-tokens 16] [--model PATH]
+
+Baseline in the same run: the very engine and OpenAI layer a Serve replica runs
+(`OpenAIModel.respond`), called directly from an asyncio loop in this process with the same
+prompts, the same concurrency and greedy decoding (so both sides generate the same tokens).
+The Serve side goes through everything a client sees: the real `openai` client, HTTP, the proxy,
+the ingress (auth, validation, routing) and a deployment handle. Levels alternate between the two
+sides so a change in machine load hits both alike.
+
+    RESULT serve_overhead_c8 <time per request through Serve / in-process, at concurrency 8>
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+LEVELS = {1: 6, 8: 24, 32: 64}  # concurrency → requests measured
+
+
+def _prompts(n: int) -> list[str]:
+    from sp2dpo.data.bundled import bundled_path
+
+    rows = [json.loads(line)["prompt"] for line in bundled_path("ultrafeedback-eval").read_text().splitlines()]
+    short = [p for p in rows if len(p) < 300]
+    return [short[i % len(short)] for i in range(n)]
+
+
+def _stats(latencies: list[float], wall: float, tokens: int) -> dict[str, float]:
+    ordered = sorted(latencies)
+    return {"req_per_s": len(latencies) / wall, "tok_per_s": tokens / wall, "p50_s": statistics.median(ordered),
+            "p99_s": ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]}
+
+
+async def _drive(call, prompts: list[str], concurrency: int) -> dict[str, float]:
+    """`concurrency` closed-loop clients share the prompt list; each call returns its token count."""
+    queue = list(enumerate(prompts))
+    latencies, tokens = [], 0
+
+    async def client() -> None:
+        nonlocal tokens
+        while queue:
+            _, prompt = queue.pop(0)
+            t0 = time.perf_counter()
+            tokens += await call(prompt)
+            latencies.append(time.perf_counter() - t0)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return _stats(latencies, time.perf_counter() - t0, tokens)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--engine", default="transformers", choices=["transformers", "vllm"])
+    parser.add_argument("--model", default=None, help="HF model dir (default: bundled SmolLM2-135M-Instruct)")
+    parser.add_argument("--max-tokens", type=int, default=16)
+    args = parser.parse_args()
+
+    import openai
+
+    from sp2dpo.serve import ModelConfig, ServeConfig, start_server, stop_server
+    from sp2dpo.serve.engines import build_engine
+    from sp2dpo.serve.openai_layer import OpenAIModel
+    from sp2dpo.serve.protocol import parse_request
+    from sp2dpo.utils import init_ray
+
+    threads = os.cpu_count() or 1
+    # Same threads on both sides: Ray would otherwise pin the replica's torch to its num_cpus.
+    model_cfg = ModelConfig(id="bench", path=args.model, engine=args.engine, num_cpus=1, torch_threads=threads,
+                            max_model_len=2048, gpu_memory_utilization=0.12 if args.engine == "vllm" else 0.9)
+
+    def body(prompt: str) -> dict:
+        return {"model": "bench", "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": args.max_tokens, "temperature": 0}
+
+    direct = OpenAIModel("bench", build_engine(model_cfg), model_cfg.default_max_tokens)
+
+    async def call_direct(prompt: str) -> int:
+        response = await direct.respond(parse_request(json.dumps(body(prompt)).encode(), "chat"))
+        return response["usage"]["completion_tokens"]
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    init_ray(num_cpus=max(2, threads))
+    url = start_server(ServeConfig(port=port, models=[model_cfg]), api_key="bench-key")
+    results: dict[str, dict[int, dict[str, float]]] = {"in-process": {}, "serve": {}}
+    try:
+        async def run_all() -> None:
+            client = openai.AsyncOpenAI(base_url=url, api_key="bench-key", max_retries=0, timeout=600)
+
+            async def call_serve(prompt: str) -> int:
+                response = await client.chat.completions.create(**body(prompt))
+                return response.usage.completion_tokens
+
+            warm = _prompts(4)
+            await _drive(call_direct, warm, 4)
+            await _drive(call_serve, warm, 4)
+            for concurrency, n in LEVELS.items():
+                prompts = _prompts(n)
+                results["in-process"][concurrency] = await _drive(call_direct, prompts, concurrency)
+                results["serve"][concurrency] = await _drive(call_serve, prompts, concurrency)
+            await client.close()
+
+        asyncio.run(run_all())
+    finally:
+        stop_server()
+        direct.engine.shutdown()
+
+    print(f"engine={args.engine} max_tokens={args.max_tokens} torch_threads={threads} (greedy, chat)")
+    print(f"{'side':<11} {'conc':>4} {'req/s':>7} {'tok/s':>7} {'p50 s':>7} {'p99 s':>7}")
+    for side, levels in results.items():
+        for concurrency, r in levels.items():
+            print(f"{side:<11} {concurrency:>4} {r['req_per_s']:>7.2f} {r['tok_per_s']:>7.1f} {r['p50_s']:>7.2f} {r['p99_s']:>7.2f}")
+    for concurrency in LEVELS:
+        ratio = results["in-process"][concurrency]["req_per_s"] / results["serve"][concurrency]["req_per_s"]
+        p50 = results["serve"][concurrency]["p50_s"] / results["in-process"][concurrency]["p50_s"]
+        print(f"concurrency {concurrency}: time per request via Serve / in-process = {ratio:.3f} (p50 ratio {p50:.3f})")
+    overhead = results["in-process"][8]["req_per_s"] / results["serve"][8]["req_per_s"]
+    print(f"RESULT serve_overhead_c8 {overhead:.3f}")
+
+
+if __name__ == "__main__":
+    main()

