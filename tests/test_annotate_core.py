@@ -133,7 +133,7 @@ def test_prompt_versions_present_both_orders_and_map_back():
     sw = build_messages(PAIR, "v1-swapped")[1]["content"]
     assert v1.index("It is 4.") < v1.index("It is 5.") and "preferred Response A" in v1
     assert sw.index("It is 5.") < sw.index("It is 4.") and "preferred Response B" in sw
-    assert '{"category": "...", "magnitude": 0' in v1 and all(c in v1 for c in CATEGORIES)
+    assert all(f'"{c}"' in v1 for c in CATEGORIES) and '"rationale"' in v1 and "at most 200 characters" in v1
     # Under v1-swapped the chosen answer is B: the stored rationale is rewritten to A = chosen.
     assert map_back("Response B is correct; Response A says 5.", "v1-swapped") == "Response A is correct; Response B says 5."
     assert map_back("Response B is correct.", "v1") == "Response B is correct."

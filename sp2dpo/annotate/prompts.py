@@ -45,8 +45,8 @@ magnitude: how large the gap is, an integer from {MAGNITUDE_MIN} to {MAGNITUDE_M
 confidence: how sure you are of your reading, a number from 0 to 1.
 rationale: one short sentence, at most {{rationale_chars}} characters.
 
-Reply with JSON only, exactly these keys:
-{{{{"category": "...", "magnitude": 0, "confidence": 0.0, "rationale": "..."}}}}"""
+Reply with one JSON object only, with exactly the keys "category", "magnitude", "confidence" and
+"rationale"."""
 
 
 @dataclass(frozen=True)

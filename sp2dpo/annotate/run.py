@@ -84,14 +84,24 @@ class TeacherActor:
 
 def _pool_resources(config: AnnotateConfig) -> dict[str, Any]:
     import ray
+    import ray.data
 
     pool = config.pool
     num_gpus = pool.num_gpus
     if num_gpus is None:
         has_gpus = ray.cluster_resources().get("GPU", 0) > 0
         num_gpus = config.vllm.tensor_parallel_size if (config.teacher == "vllm" and has_gpus) else 0
-    concurrency = pool.min_actors if pool.min_actors == pool.max_actors else (pool.min_actors, pool.max_actors)
-    return {"concurrency": concurrency, "num_gpus": num_gpus, "num_cpus": pool.num_cpus}
+    if pool.min_actors == pool.max_actors:
+        compute = ray.data.ActorPoolStrategy(size=pool.min_actors)
+    else:  # Ray Data adds actors while work queues up and the cluster has room (autoscaling)
+        compute = ray.data.ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors)
+    return {"compute": compute, "num_gpus": num_gpus, "num_cpus": pool.num_cpus}
+
+
+def _cluster_cpus() -> int:
+    import ray
+
+    return int(ray.cluster_resources().get("CPU", 1))
 
 
 def stream_annotations(config: AnnotateConfig, pairs_uri: str, todo: list[str]) -> Iterator[pa.Table]:
@@ -100,17 +110,21 @@ def stream_annotations(config: AnnotateConfig, pairs_uri: str, todo: list[str]) 
 
     from sp2dpo.utils import init_ray
 
-    init_ray()
+    init_ray()  # no-op when annotate() already connected
     value_set = pa.array(todo, pa.string())
     fs, path = filesystem_and_path(pairs_uri)
-    columns = RATINGS_COLUMNS if config.teacher == "ratings" else LLM_COLUMNS
-    ds = ray.data.read_parquet(path, filesystem=fs, columns=columns)
-    ds = ds.map_batches(_keep, fn_kwargs={"value_set": value_set}, batch_format="pyarrow", batch_size=None)
     if config.teacher == "ratings":
-        ds = ds.map_batches(_ratings, fn_kwargs={"options": config.ratings.model_dump(),
-                                                 "prompt_version": config.resolved_prompt_version},
-                            batch_format="pyarrow", batch_size=config.ratings_batch_size)
+        # Three small columns: read them here and hand Ray Data ready blocks (no file listing or
+        # read tasks to schedule), split so every CPU gets a share.
+        table = _keep(pq.read_table(path, filesystem=fs, columns=RATINGS_COLUMNS), value_set)
+        step = max(1, min(config.ratings_batch_size, -(-table.num_rows // max(1, _cluster_cpus()))))
+        blocks = [table.slice(i, step) for i in range(0, table.num_rows, step)]
+        ds = ray.data.from_arrow(blocks).map_batches(
+            _ratings, fn_kwargs={"options": config.ratings.model_dump(), "prompt_version": config.resolved_prompt_version},
+            batch_format="pyarrow", batch_size=None)
     else:
+        ds = ray.data.read_parquet(path, filesystem=fs, columns=LLM_COLUMNS)
+        ds = ds.map_batches(_keep, fn_kwargs={"value_set": value_set}, batch_format="pyarrow", batch_size=None)
         ds = ds.map_batches(TeacherActor, fn_constructor_kwargs={"config": config.model_dump()},
                             batch_format="pyarrow", batch_size=config.pool.batch_size, **_pool_resources(config))
     yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
@@ -145,14 +159,26 @@ def annotate(config: AnnotateConfig, show_progress: bool = True) -> dict[str, An
     shards: list[str] = []
     pending: list[pa.Table] = []
     pending_rows = 0
+    if todo:
+        from sp2dpo.utils import init_ray
+
+        init_ray()  # before the clock: rows/s measures annotation, not cluster start-up
     t_stream = time.perf_counter()
     last_flush = t_stream
 
-    def flush() -> None:
+    def flush(everything: bool) -> None:
+        """Write full shards; with `everything`, the remainder too (end of run, or flush_s)."""
         nonlocal pending, pending_rows, last_flush
-        if pending_rows:
-            shards.append(store.write(pa.concat_tables(pending)))
-        pending, pending_rows, last_flush = [], 0, time.perf_counter()
+        table = pa.concat_tables(pending) if pending else None
+        end = 0
+        if table is not None:
+            end = table.num_rows if everything else table.num_rows - table.num_rows % config.shard_rows
+            for start in range(0, end, config.shard_rows):
+                shards.append(store.write(table.slice(start, min(config.shard_rows, end - start))))
+        pending = [table.slice(end)] if table is not None and end < table.num_rows else []
+        pending_rows = table.num_rows - end if table is not None else 0
+        if everything:
+            last_flush = time.perf_counter()
 
     with progress_bar(len(todo), f"annotate {teacher} {version}", disable=not show_progress) as bar:
         if todo:
@@ -173,8 +199,10 @@ def annotate(config: AnnotateConfig, show_progress: bool = True) -> dict[str, An
                 pending.append(batch.cast(ANNOTATIONS_SCHEMA))
                 pending_rows += batch.num_rows
                 now = time.perf_counter()
-                if pending_rows >= config.shard_rows or now - last_flush >= config.flush_s:
-                    flush()
+                if now - last_flush >= config.flush_s:
+                    flush(everything=True)
+                elif pending_rows >= config.shard_rows:
+                    flush(everything=False)
                 elapsed = max(now - t_stream, 1e-9)
                 bar.update(batch.num_rows)
                 bar.set_postfix_str(f"{len(written) / elapsed:,.1f} rows/s, "
@@ -183,7 +211,7 @@ def annotate(config: AnnotateConfig, show_progress: bool = True) -> dict[str, An
                     ahead = len(written) / config.max_rows_per_s - (time.perf_counter() - t_stream)
                     if ahead > 0:
                         time.sleep(ahead)
-            flush()
+            flush(everything=True)
     stream_s = time.perf_counter() - t_stream
     seconds = time.perf_counter() - t0
     n = sum(counts.values())

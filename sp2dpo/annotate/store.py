@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import re
 import time
+import uuid
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -80,7 +81,8 @@ class ShardStore:
     out: str
     teacher: str
     prompt_version: str
-    run_id: str = field(default_factory=lambda: time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{os.getpid()}")
+    # Time first (names sort by run), then a random part: two runs in one second never collide.
+    run_id: str = field(default_factory=lambda: time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{uuid.uuid4().hex[:12]}")
     seq: int = 0
 
     @property
