@@ -1,0 +1,186 @@
+"""Offline reference log-probs: score every trained pair once with the reference model, store the
+result in the β artifact, and train without holding a reference model at all.
+
+    sp2dpo train reference --artifact runs/beta.parquet --pairs runs/data/pairs.parquet \
+        --model smollm2 --out runs/beta_ref.parquet [--engine ray --num-workers 4 --num-gpus 1]
+
+The pass is a Ray Data `map_batches` over the training rows with a pool of `ReferenceScorer`
+actors (each loads the model once); `engine=local` runs the same scorer in this process. The
+output is the input artifact with two columns added — `ref_chosen_logps`, `ref_rejected_logps`,
+summed over the completion tokens of the answers *as trained* (after flips), null for dropped
+pairs — and its `sp2dpo.*` metadata kept, plus `reference = {model_id, tokenizer_hash, max_length,
+chat_template_hash}`. Training refuses log-probs whose tag does not match its own reference.
+
+The sequences are the ones training sees: same chat template, same tokenization
+(`data.tokenize_pair`), same `max_length` truncation, and the same fused LM head from TRL that
+the training loop uses, so the stored values equal in-loop reference log-probs (tests check it).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import Field
+
+from sp2dpo.config import StageConfig
+from sp2dpo.schedule.artifact import REF_LOGP_COLUMNS, read_artifact
+from sp2dpo.utils import progress_bar, write_parquet
+
+
+class ReferenceConfig(StageConfig):
+    """`sp2dpo train reference` settings."""
+
+    artifact: str = "runs/beta.parquet"
+    pairs: str = "runs/data/pairs.parquet"
+    out: str | None = None  # default: the artifact path with a `.ref` suffix before `.parquet`
+    model: str = "smollm2"  # the reference model: usually the student's starting point
+    max_length: int | None = 1024  # must equal training's max_length (stored in the tag)
+    batch_size: int = Field(8, ge=1)  # pairs per forward pass
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    engine: Literal["local", "ray"] = "local"
+    num_workers: int = Field(1, ge=1)  # Ray Data scorer actors
+    num_cpus: float = 1.0  # per actor
+    num_gpus: float = 0.0  # per actor; 1 on GPU clusters
+
+    def out_path(self) -> str:
+        if self.out:
+            return self.out
+        stem = self.artifact[: -len(".parquet")] if self.artifact.endswith(".parquet") else self.artifact
+        return f"{stem}.ref.parquet"
+
+
+def load_causal_lm(model_id: str, dtype: str = "float32", device: str | None = None) -> tuple[Any, Any]:
+    """Model and tokenizer from a local path or a bundled name, with TRL's fused LM head added."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl.trainer.utils import add_fused_lm_head
+
+    from sp2dpo.models import resolve_model
+
+    path = resolve_model(model_id)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    if device:
+        model.to(device)
+    add_fused_lm_head(model)
+    return model, tokenizer
+
+
+def sequence_logps(model: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
+    """Summed completion log-probs of a collated batch: ([B] chosen, [B] rejected).
+
+    `model` carries TRL's fused LM head, which scores the label tokens without building the
+    [2B, T, vocab] logits (the largest activation of a small model)."""
+    completion_mask = batch["completion_mask"]
+    labels = batch["input_ids"].masked_fill(completion_mask == 0, -100)
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
+                fused_lm_head=True, use_cache=False)
+    return out.log_probs.sum(dim=1).chunk(2, dim=0)
+
+
+class ReferenceScorer:
+    """Ray Data UDF (and the local engine's scorer): training rows → reference log-probs."""
+
+    def __init__(self, model: str, max_length: int | None, dtype: str = "float32", batch_size: int = 8):
+        import torch
+
+        from sp2dpo.train.data import PerPairCollator
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model, self.tokenizer = load_causal_lm(model, dtype, device)
+        self.model.eval()
+        self.device = device
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.collate = PerPairCollator(self.tokenizer.pad_token_id, max_length=max_length)
+
+    def __call__(self, rows: pa.Table) -> pa.Table:
+        import torch
+
+        from sp2dpo.train.data import tokenize_table
+
+        rows = rows.append_column("beta", pa.array([1.0] * rows.num_rows)) if "beta" not in rows.column_names else rows
+        examples = tokenize_table(rows, self.tokenizer, self.max_length)
+        chosen, rejected = [], []
+        with torch.no_grad():
+            for start in range(0, len(examples), self.batch_size):
+                batch = self.collate(examples[start: start + self.batch_size])
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                c, r = sequence_logps(self.model, batch)
+                chosen += c.float().cpu().tolist()
+                rejected += r.float().cpu().tolist()
+        return pa.table({"pair_id": rows["pair_id"], "ref_chosen_logps": pa.array(chosen, pa.float64()),
+                         "ref_rejected_logps": pa.array(rejected, pa.float64())})
+
+
+def compute_reference(cfg: ReferenceConfig, show_progress: bool = True) -> dict[str, Any]:
+    """Write the artifact with reference log-probs added; return the summary."""
+    from sp2dpo.schedule.artifact import training_pairs
+    from sp2dpo.train.data import reference_tag
+
+    t0 = time.perf_counter()
+    artifact, metadata = read_artifact(cfg.artifact)
+    rows = training_pairs(cfg.artifact, cfg.pairs)  # verified: refuses an artifact that does not match
+    rows = rows.select(["pair_id", "prompt", "prompt_messages", "chosen", "rejected"])
+    if cfg.engine == "ray":
+        scores = _score_with_ray(rows, cfg)
+    else:
+        scorer = ReferenceScorer(cfg.model, cfg.max_length, cfg.dtype, cfg.batch_size)
+        parts = []
+        with progress_bar(rows.num_rows, "reference log-probs", disable=not show_progress) as bar:
+            for start in range(0, rows.num_rows, cfg.batch_size):
+                part = rows.slice(start, cfg.batch_size)
+                parts.append(scorer(part))
+                bar.update(part.num_rows)
+        scores = pa.concat_tables(parts)
+    if scores.num_rows != rows.num_rows:
+        raise RuntimeError(f"reference pass scored {scores.num_rows} of {rows.num_rows} pairs")
+
+    # Back onto every artifact row (dropped pairs get nulls), in the artifact's own order.
+    artifact = artifact.drop_columns([c for c in REF_LOGP_COLUMNS if c in artifact.column_names])
+    where = pc.index_in(artifact["pair_id"], value_set=scores["pair_id"])
+    for name in REF_LOGP_COLUMNS:
+        artifact = artifact.append_column(name, scores[name].take(where))
+    from transformers import AutoTokenizer
+
+    from sp2dpo.models import resolve_model
+
+    tag = reference_tag(cfg.model, AutoTokenizer.from_pretrained(resolve_model(cfg.model)), cfg.max_length)
+    out = cfg.out_path()
+    write_parquet(artifact, out, {**metadata, "reference": tag})
+    seconds = time.perf_counter() - t0
+    chosen = scores["ref_chosen_logps"].to_numpy()
+    return {
+        "artifact": out,
+        "scored_pairs": scores.num_rows,
+        "reference": tag,
+        "engine": cfg.engine,
+        "mean_ref_chosen_logps": round(float(chosen.mean()), 4),
+        "seconds": round(seconds, 2),
+        "pairs_per_s": round(scores.num_rows / seconds, 2),
+    }
+
+
+def _score_with_ray(rows: pa.Table, cfg: ReferenceConfig) -> pa.Table:
+    import ray
+
+    from sp2dpo.utils import init_ray
+
+    init_ray()
+    ds = ray.data.from_arrow(rows).repartition(max(cfg.num_workers, rows.num_rows // max(cfg.batch_size * 4, 1)) or 1)
+    scored = ds.map_batches(
+        ReferenceScorer,
+        fn_constructor_kwargs={"model": cfg.model, "max_length": cfg.max_length, "dtype": cfg.dtype,
+                               "batch_size": cfg.batch_size},
+        batch_size=cfg.batch_size * 4,
+        batch_format="pyarrow",
+        concurrency=cfg.num_workers,
+        num_cpus=cfg.num_cpus,
+        num_gpus=cfg.num_gpus,
+    )
+    return pa.concat_tables([ray.get(ref) for ref in scored.to_arrow_refs()])
