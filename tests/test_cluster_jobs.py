@@ -1,0 +1,79 @@
+"""Jobs submitted with `ray job submit` to a real two-node Ray cluster started on this machine
+(tests/cluster_harness.py), as on a cluster: the repository is the uploaded working dir."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from cluster_harness import local_cluster  # noqa: F401  (the fixture)
+
+pytestmark = pytest.mark.slow
+
+
+def _summary(proc) -> dict:
+    """The `--json` summary: the last JSON line of the job's logs, which `ray job submit` streams."""
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert lines, f"no JSON summary in the job logs:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return json.loads(lines[-1])
+
+
+def _check(proc) -> None:
+    assert proc.returncode == 0, f"job failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+
+
+WHERE = """
+import json, ray
+ray.init()
+def where():
+    return ray.get_runtime_context().get_node_id()
+task = ray.remote(resources={"worker_node": 1})(where).remote()
+print(json.dumps({"driver": where(), "task": ray.get(task), "nodes": len([n for n in ray.nodes() if n["Alive"]])}))
+"""
+
+
+def test_second_node_runs_tasks_that_need_its_resource(local_cluster):
+    nodes = local_cluster.alive_nodes()
+    assert len(nodes) == 2
+    worker = [n for n in nodes if n["resources_total"].get("worker_node") == 1]
+    head = [n for n in nodes if n["is_head_node"]]
+    assert len(worker) == 1 and len(head) == 1 and worker[0]["node_id"] != head[0]["node_id"]
+    proc = local_cluster.submit(["python", "-c", WHERE])
+    _check(proc)
+    placed = _summary(proc)
+    assert placed["nodes"] == 2
+    assert placed["task"] == worker[0]["node_id"]
+    assert placed["driver"] == head[0]["node_id"]
+
+
+def test_data_job_writes_the_pairs_table(local_cluster, tmp_path):
+    out = tmp_path / "data"
+    proc = local_cluster.submit(["python", "jobs/data.py", "ultrafeedback-sample", "--out", str(out), "--engine", "ray",
+                                 "--json"])
+    _check(proc)
+    summary = _summary(proc)
+    assert (summary["engine"], summary["total"], summary["valid"], summary["quarantined"]) == ("ray", 1000, 994, 6)
+    assert pq.read_table(out / "pairs.parquet").num_rows == 994
+    assert pq.read_table(out / "quarantine.parquet").num_rows == 6
+
+
+def test_pipeline_job_resumes_when_resubmitted(local_cluster, tmp_path):
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), "until": "data",
+                                      "data": {"inputs": ["ultrafeedback-sample"], "limit": 40, "engine": "ray"}}))
+    first = local_cluster.submit(["python", "jobs/pipeline.py", "--config", str(config), "--json"])
+    _check(first)
+    summary = _summary(first)
+    assert summary["ran"] == ["data"]
+    data_dir = Path(summary["stages"]["data"]["path"])
+    assert pq.read_table(data_dir / "pairs.parquet").num_rows == 40
+    marker = (data_dir / "_SUCCESS.json").read_text()
+
+    again = local_cluster.submit(["python", "jobs/pipeline.py", "--config", str(config), "--json"])
+    _check(again)
+    assert _summary(again)["complete"] == ["data"] and _summary(again)["ran"] == []
+    assert (data_dir / "_SUCCESS.json").read_text() == marker
