@@ -52,7 +52,8 @@ async def _drive(call, prompts: list[str], concurrency: int) -> dict[str, float]
         while queue:
             _, prompt = queue.pop(0)
             t0 = time.perf_counter()
-            tokens += await call(prompt)
+            produced = await call(prompt)  # not `tokens += await ...`: that reads tokens before awaiting
+            tokens += produced
             latencies.append(time.perf_counter() - t0)
 
     t0 = time.perf_counter()

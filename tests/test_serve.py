@@ -166,6 +166,29 @@ def test_chat_streaming_matches_non_streaming(client):
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
 
 
+def test_requests_joining_a_running_batch_decode_as_if_alone(server, client):
+    """Continuous batching: rows that join mid-decode (left-padded, merged KV cache) and rows
+    that leave early give exactly the greedy text they give alone."""
+    prompts = ["What is the capital of France?", "Write a haiku about autumn leaves on a quiet pond.", "Name two colours."]
+    lengths = [12, 10, 6]
+    alone = [client.completions.create(model="base", prompt=p, max_tokens=n, temperature=0).choices[0].text
+             for p, n in zip(prompts, lengths)]
+
+    async def staggered() -> list[str]:
+        aclient = openai.AsyncOpenAI(base_url=server, api_key=API_KEY, max_retries=0, timeout=300)
+
+        async def one(i: int) -> str:
+            await asyncio.sleep(0.4 * i)
+            r = await aclient.completions.create(model="base", prompt=prompts[i], max_tokens=lengths[i], temperature=0)
+            return r.choices[0].text
+        try:
+            return await asyncio.gather(*(one(i) for i in range(len(prompts))))
+        finally:
+            await aclient.close()
+
+    assert asyncio.run(staggered()) == alone
+
+
 def test_completions_stop_and_stream(client):
     prompt = "The three primary colours are"
     free = client.completions.create(model="base", prompt=prompt, max_tokens=12, temperature=0)

@@ -69,14 +69,61 @@ class _Job:
         self.cancelled = False
 
 
+
+class _Batch:
+    """Rows decoding together: their jobs, KV cache, attention mask, last positions and logits."""
+
+    def __init__(self, jobs: list[_Job], cache: Any, mask: Any, positions: Any, logits: Any, generators: list[Any]):
+        from transformers.cache_utils import DynamicLayer
+
+        self.jobs, self.cache, self.mask, self.positions, self.logits = jobs, cache, mask, positions, logits
+        self.generators, self.produced = generators, [0] * len(jobs)
+        # Rows can join a running batch only when every layer is a plain growing cache.
+        self.mergeable = all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", [None]))
+
+    def select(self, rows: list[int]) -> None:
+        import torch
+
+        index = torch.tensor(rows, device=self.mask.device)
+        self.cache.batch_select_indices(index)
+        self.mask, self.positions, self.logits = self.mask[index], self.positions[index], self.logits[index]
+        self.jobs = [self.jobs[r] for r in rows]
+        self.generators = [self.generators[r] for r in rows]
+        self.produced = [self.produced[r] for r in rows]
+
+    def merge(self, other: "_Batch") -> "_Batch":
+        """Append `other`'s rows; the shorter side is left-padded (masked) to a common length."""
+        import torch
+        import torch.nn.functional as F
+
+        width = max(self.mask.shape[1], other.mask.shape[1])
+
+        def left_pad(t: Any, dim: int) -> Any:
+            missing = width - t.shape[dim]
+            if not missing:
+                return t
+            pad = [0, 0] * (t.dim() - 1 - dim) + [missing, 0]
+            return F.pad(t, pad)
+
+        for mine, theirs in zip(self.cache.layers, other.cache.layers):
+            mine.keys = torch.cat([left_pad(mine.keys, 2), left_pad(theirs.keys, 2)], dim=0)
+            mine.values = torch.cat([left_pad(mine.values, 2), left_pad(theirs.values, 2)], dim=0)
+        self.mask = torch.cat([left_pad(self.mask, 1), left_pad(other.mask, 1)], dim=0)
+        self.positions = torch.cat([self.positions, other.positions], dim=0)
+        self.logits = torch.cat([self.logits, other.logits], dim=0)
+        self.jobs, self.generators = self.jobs + other.jobs, self.generators + other.generators
+        self.produced = self.produced + other.produced
+        return self
+
+
 class TransformersEngine:
     """A Hugging Face causal LM with a batching decode loop on one worker thread.
 
-    Requests that arrive together (within `batch_wait_ms` of the first) are prefilled as one
-    left-padded batch and decoded step by step with a shared KV cache; each row keeps its own
-    temperature, top-p, seed and length, and finished rows leave the batch. Requests arriving
-    while a batch runs wait for the next one. The event loop never runs torch, so a replica keeps
-    answering health checks and streaming while it computes.
+    Continuous batching, HF-cache style: requests that arrive together (within `batch_wait_ms` of
+    the first) are prefilled as one left-padded batch and decoded step by step with a shared KV
+    cache; requests arriving while it runs are prefilled between two steps and join it; finished
+    rows leave at once. Each row keeps its own temperature, top-p, seed and length. The event loop
+    never runs torch, so a replica keeps answering health checks and streaming while it computes.
     """
 
     def __init__(self, path: str, cfg: ModelConfig):
@@ -136,34 +183,49 @@ class TransformersEngine:
     # The rest runs on the worker thread.
 
     def _loop(self) -> None:
+        batch: _Batch | None = None
         while True:
+            jobs = self._take(batch)
+            if jobs is None:
+                return
+            try:
+                if jobs:
+                    joined = self._prefill(jobs)
+                    batch = joined if batch is None else batch.merge(joined)
+                if batch is not None:
+                    batch = self._step(batch)
+            except Exception as exc:  # one bad batch must not take the replica down
+                log.exception("generation failed")
+                error = RuntimeError(f"generation failed: {type(exc).__name__}: {exc}")
+                for job in {id(j): j for j in (batch.jobs if batch else []) + jobs}.values():
+                    job.emit(error)
+                batch = None
+
+    def _take(self, batch: "_Batch | None") -> list[_Job] | None:
+        """New jobs to start now (None = shut down). Idle: block for one, then gather arrivals for
+        `batch_wait_s`. Busy: only what is already queued, so running rows never wait."""
+        room = self.max_batch_size - (len(batch.jobs) if batch else 0)
+        if batch is not None and not batch.mergeable:
+            room = 0
+        jobs: list[_Job] = []
+        if batch is None:
             first = self._jobs.get()
             if first is None:
-                return
-            jobs, stop = [first], False
-            deadline = time.monotonic() + self.batch_wait_s
-            while len(jobs) < self.max_batch_size:
-                remaining = deadline - time.monotonic()
-                try:
-                    job = self._jobs.get(timeout=remaining) if remaining > 0 else self._jobs.get_nowait()
-                except queue.Empty:
-                    break
-                if job is None:
-                    stop = True
-                    break
-                jobs.append(job)
-            jobs = [j for j in jobs if not j.cancelled]
-            if jobs:
-                try:
-                    self._run_batch(jobs)
-                except Exception as exc:  # one bad batch must not take the replica down
-                    log.exception("generation failed")
-                    for job in jobs:
-                        job.emit(RuntimeError(f"generation failed: {type(exc).__name__}: {exc}"))
-            if stop:
-                return
+                return None
+            jobs.append(first)
+        deadline = time.monotonic() + (self.batch_wait_s if batch is None else 0)
+        while len(jobs) < room:
+            remaining = deadline - time.monotonic()
+            try:
+                job = self._jobs.get(timeout=remaining) if remaining > 0 else self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                return None
+            jobs.append(job)
+        return [j for j in jobs if not j.cancelled]
 
-    def _run_batch(self, jobs: list[_Job]) -> None:
+    def _prefill(self, jobs: list[_Job]) -> "_Batch":
         import torch
 
         with torch.inference_mode():
@@ -176,37 +238,37 @@ class TransformersEngine:
             input_ids, mask = input_ids.to(self.device), mask.to(self.device)
             # Positions count real tokens only, so a left-padded row sees the positions it would alone.
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            generators = [self._generator(j.options.seed) for j in jobs]
-            produced = [0] * len(jobs)
             out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
-            cache, logits = out.past_key_values, out.logits[:, -1, :]
-            active = list(range(len(jobs)))  # row of the batch tensors → index into jobs
-            while True:
-                tokens = self._sample(logits, [jobs[i] for i in active], [generators[i] for i in active])
-                keep = []
-                for row, i in enumerate(active):
-                    job, (token, step) = jobs[i], tokens[row]
-                    if job.cancelled:
-                        continue
-                    job.emit(step)
-                    produced[i] += 1
-                    if token in self.eos_token_ids or produced[i] >= job.max_tokens:
-                        job.emit(_DONE)
-                    else:
-                        keep.append(row)
-                if not keep:
-                    return
-                next_ids = torch.tensor([[tokens[row][0]] for row in keep], device=self.device)
-                if len(keep) < len(active):
-                    index = torch.tensor(keep, device=self.device)
-                    cache.batch_select_indices(index)
-                    mask, positions = mask[index], positions[index]
-                    active = [active[row] for row in keep]
-                mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
-                positions = positions[:, -1:] + 1
-                out = self.model(input_ids=next_ids, attention_mask=mask, position_ids=positions,
-                                 past_key_values=cache, use_cache=True)
-                cache, logits = out.past_key_values, out.logits[:, -1, :]
+        return _Batch(jobs, out.past_key_values, mask, positions[:, -1:], out.logits[:, -1, :],
+                      [self._generator(j.options.seed) for j in jobs])
+
+    def _step(self, batch: "_Batch") -> "_Batch | None":
+        """Sample one token for every row, retire finished rows, run the next forward pass."""
+        import torch
+
+        with torch.inference_mode():
+            tokens = self._sample(batch.logits, batch.jobs, batch.generators)
+            keep = []
+            for row, (job, (token, step)) in enumerate(zip(batch.jobs, tokens)):
+                if job.cancelled:
+                    continue
+                job.emit(step)
+                batch.produced[row] += 1
+                if token in self.eos_token_ids or batch.produced[row] >= job.max_tokens:
+                    job.emit(_DONE)
+                else:
+                    keep.append(row)
+            if not keep:
+                return None
+            if len(keep) < len(batch.jobs):
+                batch.select(keep)
+            next_ids = torch.tensor([[tokens[row][0]] for row in keep], device=self.device)
+            batch.mask = torch.cat([batch.mask, batch.mask.new_ones((len(keep), 1))], dim=1)
+            batch.positions = batch.positions + 1
+            out = self.model(input_ids=next_ids, attention_mask=batch.mask, position_ids=batch.positions,
+                             past_key_values=batch.cache, use_cache=True)
+            batch.cache, batch.logits = out.past_key_values, out.logits[:, -1, :]
+        return batch
 
     def _generator(self, seed: int | None) -> Any:
         import torch
