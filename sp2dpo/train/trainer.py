@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -344,6 +345,7 @@ def _summary(cfg: TrainConfig, state: dict, run: MetricSums, categories: tuple[s
         "train_seconds": round(state["train_seconds"], 3),
         "tokens_per_s": round(t["tokens"] / max(state["train_seconds"], 1e-9), 2),
         "resumed_from_steps": state["resumed_from"],
+        "peak_rss_mb_rank0": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "model_dir": f"{cfg.output_dir.rstrip('/')}/model",
         "config_hash": cfg.config_hash(),
     }

@@ -1,0 +1,149 @@
+"""Training cost of per-pair β, and our trainer against stock TRL, on the same model, data, machine.
+
+    python benchmarks/bench_train.py [--model smollm2] [--pairs 24] [--steps 6]
+
+1. per_pair_overhead: step time of our loop with a [B] β tensor vs one global β, alternating on
+   the same batches in one process (goal ≤ 1.01: β_i costs one [B] multiply).
+2. speedup_vs_trl / memory_vs_trl: our trainer (`sp2dpo train`, one Ray Train worker, offline
+   reference log-probs, no reference model) vs stock TRL `DPOTrainer` computing reference
+   log-probs in the loop — same model, pairs, batch size, max_length, fp32, AdamW, no gradient
+   checkpointing. Each runs in its own process; tokens/s is the attention-masked tokens over the
+   summed optimizer-step time, peak memory is that process's peak RSS (`ru_maxrss`), so the two
+   runs never share a peak. The one-off reference pass is timed and printed separately.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def per_pair_overhead(model_id: str, pairs: str, artifact: str, steps: int) -> tuple[float, float, float]:
+    import torch
+
+    from sp2dpo.train.data import PerPairCollator, load_training_table, tokenize_table
+    from sp2dpo.train.reference import load_causal_lm
+    from sp2dpo.train.strategy import TorchStrategy
+    from sp2dpo.train.trainer import TrainConfig, batch_loss
+
+    cfg = TrainConfig(model=model_id, strategy="torch", max_length=512, micro_batch_size=2, learning_rate=1e-6)
+    model, tok = load_causal_lm(model_id)
+    table, _ = load_training_table(artifact, pairs, require_ref=True)
+    examples = tokenize_table(table, tok, cfg.max_length)
+    collate = PerPairCollator(tok.pad_token_id, cfg.max_length)
+    strategy = TorchStrategy(cfg, 1, 0, torch.device("cpu"))
+    strategy.prepare(model)
+    times: dict[str, list[float]] = {"per_pair": [], "global": []}
+    for i in range(steps + 1):
+        batch = collate(examples[(2 * i) % len(examples): (2 * i) % len(examples) + 2])
+        for variant in ("per_pair", "global") if i % 2 == 0 else ("global", "per_pair"):
+            b = dict(batch) if variant == "per_pair" else {**batch, "beta": 0.1}
+            t0 = time.perf_counter()
+            strategy.backward(batch_loss(strategy.model, b, cfg).losses.mean())
+            strategy.step()
+            if i > 0:  # the first round warms up allocator and kernels
+                times[variant].append(time.perf_counter() - t0)
+    pp, gl = times["per_pair"], times["global"]
+    return min(pp) / min(gl), statistics.median(pp), statistics.median(gl)
+
+
+TRL_CHILD = r"""
+import json, resource, sys, time
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from trl import DPOConfig, DPOTrainer
+from sp2dpo.models import resolve_model
+from sp2dpo.train.data import conversation, load_training_table
+
+a = json.loads(sys.argv[1])
+table, _ = load_training_table(a["artifact"], a["pairs"])
+rows = [conversation(r["prompt"], r["prompt_messages"], r["chosen"], r["rejected"]) for r in table.to_pylist()]
+path = resolve_model(a["model"])
+
+class StepTimer(TrainerCallback):
+    seconds = 0.0
+    def on_step_begin(self, args, state, control, **kw): self.t0 = time.perf_counter()
+    def on_step_end(self, args, state, control, **kw): StepTimer.seconds += time.perf_counter() - self.t0
+
+args = DPOConfig(output_dir=a["out"], use_cpu=True, bf16=False, beta=0.1, per_device_train_batch_size=2,
+                 max_length=512, max_steps=a["steps"], learning_rate=1e-6, optim="adamw_torch",
+                 gradient_checkpointing=False, report_to=[], save_strategy="no", logging_steps=1,
+                 dataloader_num_workers=0, seed=0)
+trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
+                     ref_model=AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
+                     args=args, train_dataset=Dataset.from_list(rows),
+                     processing_class=AutoTokenizer.from_pretrained(path), callbacks=[StepTimer()])
+trainer.train()
+tokens = max(h.get("num_tokens", 0) for h in trainer.state.log_history)
+print("RESULT_JSON " + json.dumps({"tokens": tokens, "train_seconds": StepTimer.seconds,
+      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+OURS_CHILD = r"""
+import json, sys
+from sp2dpo.train.trainer import TrainConfig, train
+a = json.loads(sys.argv[1])
+cfg = TrainConfig(artifact=a["artifact"], pairs=a["pairs"], model=a["model"], output_dir=a["out"], strategy="torch",
+                  max_length=512, micro_batch_size=2, max_steps=a["steps"], learning_rate=1e-6, checkpoint_every=10**6,
+                  tensorboard=False, compute_reference=False)
+s = train(cfg, show_progress=False)
+print("RESULT_JSON " + json.dumps({"tokens": s["tokens"], "train_seconds": s["train_seconds"],
+      "peak_rss_mb": s["peak_rss_mb_rank0"]}))
+"""
+
+
+def run_child(code: str, args: dict) -> dict:
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT_JSON "):
+            return json.loads(line[len("RESULT_JSON "):])
+    sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-5000:])
+    raise SystemExit(f"benchmark child failed (exit {proc.returncode})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--pairs", type=int, default=24)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--max-chars", type=int, default=400)
+    args = parser.parse_args()
+
+    from sp2dpo.models import resolve_model
+    from sp2dpo.train.reference import ReferenceConfig, compute_reference
+    from sp2dpo.train.sample import build_sample_inputs
+
+    resolve_model(args.model)  # convert the bundled model once, outside every timing
+    with tempfile.TemporaryDirectory() as tmp:
+        pairs, artifact = build_sample_inputs(Path(tmp) / "in", limit=args.pairs, max_chars=args.max_chars)
+        t0 = time.perf_counter()
+        ref = compute_reference(ReferenceConfig(artifact=artifact, pairs=pairs, model=args.model, max_length=512),
+                                show_progress=False)
+        print(f"reference pass (once per artifact): {ref['scored_pairs']} pairs in {time.perf_counter() - t0:.1f}s")
+        ratio, pp, gl = per_pair_overhead(args.model, pairs, ref["artifact"], args.steps)
+        print(f"step time, per-pair beta: median {pp:.3f}s; global beta: median {gl:.3f}s (ratio of minima {ratio:.4f})")
+        common = {"artifact": ref["artifact"], "pairs": pairs, "model": args.model, "steps": args.steps}
+        trl = run_child(TRL_CHILD, {**common, "out": str(Path(tmp) / "trl")})
+        ours = run_child(OURS_CHILD, {**common, "out": str(Path(tmp) / "ours")})
+    trl_tps = trl["tokens"] / trl["train_seconds"]
+    our_tps = ours["tokens"] / ours["train_seconds"]
+    print(f"stock TRL DPOTrainer (reference in the loop): {trl_tps:.1f} tokens/s, peak RSS {trl['peak_rss_mb']:.0f} MB")
+    print(f"sp2dpo trainer (offline reference):            {our_tps:.1f} tokens/s, peak RSS {ours['peak_rss_mb']:.0f} MB")
+    print(f"RESULT per_pair_overhead {ratio:.4f}")
+    print(f"RESULT speedup_vs_trl {our_tps / trl_tps:.3f}")
+    print(f"RESULT memory_vs_trl {ours['peak_rss_mb'] / trl['peak_rss_mb']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
