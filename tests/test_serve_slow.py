@@ -132,7 +132,7 @@ def test_cli_serves_until_ctrl_c(tiny_model_dir, tmp_path):
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen(
         [sys.executable, "-m", "sp2dpo.cli", "serve", "--model", f"tiny={tiny_model_dir}", "--port", str(port),
-         "--api-key-file", str(key_file), "--set", "models.0.num_cpus=0.5", "--json"],
+         "--api-key-file", str(key_file), "--json"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
     try:
         url = f"http://127.0.0.1:{port}"

@@ -175,19 +175,22 @@ def deployment_name(model_id: str) -> str:
     return "model-" + re.sub(r"[^A-Za-z0-9_-]", "_", model_id)
 
 
+def deployment_options(m: ModelConfig) -> dict[str, Any]:
+    """Ray Serve options of one model's deployment: replicas or autoscaling, resources."""
+    options: dict[str, Any] = {
+        "name": deployment_name(m.id),
+        "ray_actor_options": {"num_cpus": m.num_cpus, "num_gpus": m.num_gpus},
+        "max_ongoing_requests": m.max_ongoing_requests,
+    }
+    if m.autoscaling is not None:
+        options["autoscaling_config"] = m.autoscaling.model_dump()
+    else:
+        options["num_replicas"] = m.num_replicas
+    return options
+
+
 def build_app(cfg: ServeConfig, api_key: str | None = None) -> Any:
     """The bound application: `serve.run(build_app(cfg, key), ...)`."""
-    handles = {}
-    for m in cfg.models:
-        options: dict[str, Any] = {
-            "name": deployment_name(m.id),
-            "ray_actor_options": {"num_cpus": m.num_cpus, "num_gpus": m.num_gpus},
-            "max_ongoing_requests": m.max_ongoing_requests,
-        }
-        if m.autoscaling is not None:
-            options["autoscaling_config"] = m.autoscaling.model_dump()
-        else:
-            options["num_replicas"] = m.num_replicas
-        handles[m.id] = ModelDeployment.options(**options).bind(m.model_dump())
+    handles = {m.id: ModelDeployment.options(**deployment_options(m)).bind(m.model_dump()) for m in cfg.models}
     return OpenAIIngress.options(num_replicas=cfg.ingress_replicas, ray_actor_options={"num_cpus": 0}).bind(
         handles, key_digest(api_key), cfg.max_request_bytes)
