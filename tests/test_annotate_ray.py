@@ -84,16 +84,18 @@ def test_retry_failed_reasks_only_failed_rows(ray_local, tmp_path):
     assert sorted(table["pair_id"].to_pylist()) == sorted(r["pair_id"] for r in rows)
 
 
-def test_kill_9_then_resume_loses_and_duplicates_nothing(pairs_dir, tmp_path):
-    """SIGKILL the CLI (and its local Ray instance) mid-run, rerun the same command."""
+def test_kill_9_then_resume_loses_and_duplicates_nothing(ray_local, pairs_dir, tmp_path):
+    """SIGKILL the CLI driver mid-run on a running Ray cluster, then rerun the same command."""
     out = tmp_path / "ann"
-    # Paced at 100 rows/s in 50-row blocks and 20-row shards: ~10 s of writing, so the kill lands
-    # mid-run once a few shards exist.
+    # The CLI joins this session's local cluster (as `ray job submit` drivers join theirs), so the
+    # cluster outlives the killed driver. Paced at 100 rows/s in 50-row blocks and 20-row shards:
+    # ~10 s of writing, so the kill lands mid-run once a few shards exist.
+    env = {"RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     args = ["--pairs", str(pairs_dir), "--teacher", "ratings", "--out", str(out),
             "--set", "shard_rows=20", "--set", "ratings_batch_size=50", "--set", "max_rows_per_s=100"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "sp2dpo.cli", "annotate", *args, "--json"], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen([sys.executable, "-m", "sp2dpo.cli", "annotate", *args, "--json"], cwd=ROOT,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 240
     try:
         while len(shard_files(str(out))) < 3:
@@ -101,13 +103,13 @@ def test_kill_9_then_resume_loses_and_duplicates_nothing(pairs_dir, tmp_path):
             assert time.time() < deadline, "no shard written in time"
             time.sleep(0.05)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started
-        proc.wait()
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
     before = read_shards(str(out))
     ids = _ids(pairs_dir)
     assert 0 < before.num_rows < len(ids), "the kill did not land mid-run"
 
-    done = _cli(*args[:-2], "--set", "max_rows_per_s=100000")
+    done = _cli(*args[:-2], "--set", "max_rows_per_s=100000", env_extra=env)
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["skipped"] == before.num_rows
@@ -141,6 +143,16 @@ def test_llm_teacher_actor_pool_keeps_failed_rows_and_coexists(ray_local, pairs_
     from sp2dpo.schedule.consensus import read_annotations as schedule_reader
 
     assert schedule_reader(out).num_rows == 12 == read_annotations(out).num_rows
+
+
+def test_teacher_that_cannot_start_is_a_clear_error(ray_local, pairs_dir, tmp_path):
+    (tmp_path / "broken-model").mkdir()  # exists, but holds no model
+    cfg = AnnotateConfig(pairs=str(pairs_dir), out=str(tmp_path / "ann"), teacher="transformers",
+                         model=str(tmp_path / "broken-model"), limit=2)
+    with pytest.raises(ValueError, match="(?s)the transformers:broken-model teacher failed: ValueError: .*rerun the same command"):
+        annotate(cfg, show_progress=False)
+    with pytest.raises(FileNotFoundError, match="model not found"):
+        annotate(cfg.model_copy(update={"model": str(tmp_path / "nope")}), show_progress=False)
 
 
 def test_cli_bad_input_is_a_clear_error(tmp_path):

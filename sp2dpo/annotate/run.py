@@ -13,6 +13,8 @@ client, or a transformers model), for the LLM teachers.
 
 from __future__ import annotations
 
+import os
+import re
 import time
 from typing import Any, Iterator
 
@@ -143,6 +145,10 @@ def annotate(config: AnnotateConfig, show_progress: bool = True) -> dict[str, An
         raise ValueError(f"{pairs_uri}: pair_id is not unique (prepare the pairs with `sp2dpo data prepare`)")
     if config.limit is not None:
         ids = ids[: config.limit]
+    model = config.model or ""
+    if config.teacher != "openai" and model.startswith(("/", "./", "../", "~")) and not os.path.exists(
+            os.path.expanduser(model)):
+        raise FileNotFoundError(f"model not found: {model}")
 
     store = ShardStore(config.out, teacher, version)
     stale = store.remove_stale_tmp()
@@ -180,38 +186,54 @@ def annotate(config: AnnotateConfig, show_progress: bool = True) -> dict[str, An
         if everything:
             last_flush = time.perf_counter()
 
+    def consume(batch: pa.Table, bar: Any) -> None:
+        nonlocal pending_rows
+        # Exactly once per key, even if a retried Ray task delivers a batch twice.
+        batch_ids = batch["pair_id"].to_pylist()
+        keep = [i for i, pid in enumerate(batch_ids) if pid in todo_set and pid not in written]
+        if len(keep) != len(batch_ids):
+            batch = batch.take(pa.array(keep, pa.int64()))
+            batch_ids = [batch_ids[i] for i in keep]
+        written.update(batch_ids)
+        if batch.num_rows == 0:
+            return
+        for status, n in zip(*_value_counts(batch["status"])):
+            counts[status] += n
+        tokens["prompt"] += pc.sum(batch["prompt_tokens"]).as_py() or 0
+        tokens["completion"] += pc.sum(batch["completion_tokens"]).as_py() or 0
+        pending.append(batch.cast(ANNOTATIONS_SCHEMA))
+        pending_rows += batch.num_rows
+        now = time.perf_counter()
+        if now - last_flush >= config.flush_s:
+            flush(everything=True)
+        elif pending_rows >= config.shard_rows:
+            flush(everything=False)
+        elapsed = max(now - t_stream, 1e-9)
+        bar.update(batch.num_rows)
+        bar.set_postfix_str(f"{len(written) / elapsed:,.1f} rows/s, "
+                            f"{(tokens['prompt'] + tokens['completion']) / elapsed:,.0f} tok/s", refresh=False)
+        if config.max_rows_per_s:
+            ahead = len(written) / config.max_rows_per_s - (time.perf_counter() - t_stream)
+            if ahead > 0:
+                time.sleep(ahead)
+
     with progress_bar(len(todo), f"annotate {teacher} {version}", disable=not show_progress) as bar:
         if todo:
-            for batch in stream_annotations(config, pairs_uri, todo):
-                # Exactly once per key, even if a retried Ray task delivers a batch twice.
-                batch_ids = batch["pair_id"].to_pylist()
-                keep = [i for i, pid in enumerate(batch_ids) if pid in todo_set and pid not in written]
-                if len(keep) != len(batch_ids):
-                    batch = batch.take(pa.array(keep, pa.int64()))
-                    batch_ids = [batch_ids[i] for i in keep]
-                written.update(batch_ids)
-                if batch.num_rows == 0:
-                    continue
-                for status, n in zip(*_value_counts(batch["status"])):
-                    counts[status] += n
-                tokens["prompt"] += pc.sum(batch["prompt_tokens"]).as_py() or 0
-                tokens["completion"] += pc.sum(batch["completion_tokens"]).as_py() or 0
-                pending.append(batch.cast(ANNOTATIONS_SCHEMA))
-                pending_rows += batch.num_rows
-                now = time.perf_counter()
-                if now - last_flush >= config.flush_s:
-                    flush(everything=True)
-                elif pending_rows >= config.shard_rows:
-                    flush(everything=False)
-                elapsed = max(now - t_stream, 1e-9)
-                bar.update(batch.num_rows)
-                bar.set_postfix_str(f"{len(written) / elapsed:,.1f} rows/s, "
-                                    f"{(tokens['prompt'] + tokens['completion']) / elapsed:,.0f} tok/s", refresh=False)
-                if config.max_rows_per_s:
-                    ahead = len(written) / config.max_rows_per_s - (time.perf_counter() - t_stream)
-                    if ahead > 0:
-                        time.sleep(ahead)
-            flush(everything=True)
+            try:
+                for batch in stream_annotations(config, pairs_uri, todo):
+                    consume(batch, bar)
+            except Exception as exc:
+                import ray.exceptions
+
+                if not isinstance(exc, ray.exceptions.RayError):
+                    raise
+                # A teacher that cannot start or crashes (bad model, out of memory): keep every
+                # row already received and say how to go on.
+                raise ValueError(f"the {teacher} teacher failed: {_root_cause(exc)}\n"
+                                 f"{len(written)} rows received before the failure are kept in {store.dir}; "
+                                 f"fix the cause and rerun the same command to resume") from exc
+            finally:
+                flush(everything=True)  # on Ctrl-C or a teacher failure too: nothing received is lost
     stream_s = time.perf_counter() - t_stream
     seconds = time.perf_counter() - t0
     n = sum(counts.values())
@@ -238,6 +260,22 @@ def annotate(config: AnnotateConfig, show_progress: bool = True) -> dict[str, An
         "rows_per_s": round(n / stream_s, 2) if n and stream_s > 0 else 0.0,
         "tokens_per_s": round((tokens["prompt"] + tokens["completion"]) / stream_s, 1) if n and stream_s > 0 else 0.0,
     }
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The user-level error inside a Ray error (which wraps it with tracebacks and notes)."""
+    messages = []
+    seen: set[int] = set()
+    node: BaseException | None = exc
+    while node is not None and id(node) not in seen:
+        seen.add(id(node))
+        if str(node).strip():
+            messages.append(str(node).strip())
+        node = getattr(node, "cause", None) or node.__cause__
+    text = messages[-1] if messages else type(exc).__name__
+    lines = text.splitlines()
+    starts = [i for i, line in enumerate(lines) if re.match(r"^[\w.]+(Error|Exception): ", line)]
+    return " ".join(line.strip() for line in lines[starts[-1] if starts else -1:])[:500]
 
 
 def _value_counts(column: pa.ChunkedArray | pa.Array) -> tuple[list[str], list[int]]:
