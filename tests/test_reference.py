@@ -112,3 +112,26 @@ def test_reference_pass_refuses_mismatched_artifact(sample, tmp_path, tiny_model
                                           out=str(tmp_path / "x.parquet")), show_progress=False)
     assert not (tmp_path / "x.parquet").exists()
     assert pq.read_table(artifact).num_rows == 8  # input untouched
+
+
+def test_cli_reference_json_and_train_clear_errors(sample, tiny_model_dir, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    _, pairs, artifact = sample
+    out = tmp_path / "cli_ref.parquet"
+    cli = [sys.executable, "-m", "sp2dpo.cli"]
+    proc = subprocess.run([*cli, "train", "reference", "--artifact", artifact, "--pairs", pairs, "--model",
+                           str(tiny_model_dir), "--out", str(out), "--max-length", "512", "--json"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["artifact"] == str(out) and summary["scored_pairs"] == 8 and out.exists()
+    # Training on log-probs made with max_length=512 but asking for 256: refused, one line, no traceback.
+    proc = subprocess.run([*cli, "train", "--artifact", str(out), "--pairs", pairs, "--model", str(tiny_model_dir),
+                           "-o", str(tmp_path / "t"), "--set", "max_length=256", "--set", "strategy=torch", "--json"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "another reference" in proc.stderr and "max_length" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "t" / "model").exists()

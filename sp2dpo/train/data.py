@@ -73,7 +73,8 @@ def tokenize_table(table: pa.Table, tokenizer: Any, max_length: int | None) -> l
                 f"pair {cols['pair_id'][i]}: its prompt alone has {len(example['prompt_ids'])} tokens, "
                 f">= max_length={max_length}; raise max_length or drop the pair in the artifact"
             )
-        example["beta"] = float(cols["beta"][i])
+        if "beta" in cols:
+            example["beta"] = float(cols["beta"][i])
         example["index"] = i
         for name in REF_LOGP_COLUMNS:
             if name in cols:

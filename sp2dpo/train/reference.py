@@ -104,7 +104,6 @@ class ReferenceScorer:
 
         from sp2dpo.train.data import tokenize_table
 
-        rows = rows.append_column("beta", pa.array([1.0] * rows.num_rows)) if "beta" not in rows.column_names else rows
         examples = tokenize_table(rows, self.tokenizer, self.max_length)
         chosen, rejected = [], []
         with torch.no_grad():
