@@ -24,6 +24,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=8)
+    # On a shared machine the load drifts during a run: swap the order to see how much it moves.
+    parser.add_argument("--ray-first", action="store_true")
     args = parser.parse_args()
 
     import pyarrow.parquet as pq
@@ -41,27 +43,37 @@ def main() -> None:
         pairs = pq.read_table(f"{tmp}/data/pairs.parquet").to_pylist()
         cfg = AnnotateConfig(pairs=f"{tmp}/data", out=f"{tmp}/ann", teacher="vllm", pool={"batch_size": args.batch_size})
 
-        t0 = time.perf_counter()
-        engine = VLLMEngine(cfg)
-        t_loaded = time.perf_counter()
-        teacher = LLMTeacher(engine, cfg)
-        loop_rows = []
-        for i in range(0, len(pairs), args.batch_size):
-            loop_rows += teacher.annotate(pairs[i:i + args.batch_size])
-        t_loop = time.perf_counter()
-        engine.close()
-        del engine, teacher
-        gc.collect()
+        def plain_loop() -> tuple[list[dict], float, float]:
+            t0 = time.perf_counter()
+            engine = VLLMEngine(cfg)
+            t_loaded = time.perf_counter()
+            teacher = LLMTeacher(engine, cfg)
+            rows = []
+            for i in range(0, len(pairs), args.batch_size):
+                rows += teacher.annotate(pairs[i:i + args.batch_size])
+            t_end = time.perf_counter()
+            engine.close()
+            del engine, teacher
+            gc.collect()
+            return rows, t_end - t0, t_end - t_loaded
 
-        init_ray()
-        summary = annotate(cfg, show_progress=False)
-        ray_rows = read_shards(f"{tmp}/ann").to_pylist()
-    loop_s, loop_gen_s = t_loop - t0, t_loop - t_loaded
+        def through_ray() -> tuple[dict, list[dict]]:
+            init_ray()
+            summary = annotate(cfg, show_progress=False)
+            return summary, read_shards(f"{tmp}/ann").to_pylist()
+
+        if args.ray_first:
+            summary, ray_rows = through_ray()
+            loop_rows, loop_s, loop_gen_s = plain_loop()
+        else:
+            loop_rows, loop_s, loop_gen_s = plain_loop()
+            summary, ray_rows = through_ray()
     ray_s = summary["seconds"]
     loop_rate, ray_rate = len(loop_rows) / loop_s, summary["annotated"] / ray_s
     same = sum(a["raw_text"] == b["raw_text"] for a, b in zip(sorted(loop_rows, key=lambda r: r["pair_id"]),
                                                            sorted(ray_rows, key=lambda r: r["pair_id"])))
-    print(f"pairs={args.n} batch_size={args.batch_size}; identical outputs loop vs Ray: {same}/{args.n}")
+    order = "ray,loop" if args.ray_first else "loop,ray"
+    print(f"pairs={args.n} batch_size={args.batch_size} order={order}; identical outputs loop vs Ray: {same}/{args.n}")
     print(f"plain loop: {loop_s:.1f} s ({loop_s - loop_gen_s:.1f} s engine start, {loop_gen_s:.1f} s generation), "
           f"{loop_rate:.3f} annotations/s, ok={sum(r['status'] != 'failed' for r in loop_rows)}")
     print(f"Ray Data:   {ray_s:.1f} s end to end, {ray_rate:.3f} annotations/s, annotated={summary['annotated']} "
