@@ -1,6 +1,6 @@
 """Throughput and p50/p99 latency at concurrency 1, 8 and 32: through Ray Serve vs. in-process.
 
-    python benchmarks/bench_serve.py [--engine transformers|vllm] [--max-tokens 16] [--model PATH]
+    python benchmarks/bench_serve.py [--engine transformers|vllm] [--max-tokens 8] [--model PATH]
 
 Baseline in the same run: the very engine and OpenAI layer a Serve replica runs
 (`OpenAIModel.respond`), called directly from an asyncio loop in this process with the same
@@ -25,14 +25,14 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-LEVELS = {1: 6, 8: 24, 32: 64}  # concurrency → requests measured
+LEVELS = {1: 4, 8: 16, 32: 32}  # concurrency → requests measured
 
 
 def _prompts(n: int) -> list[str]:
     from sp2dpo.data.bundled import bundled_path
 
     rows = [json.loads(line)["prompt"] for line in bundled_path("ultrafeedback-eval").read_text().splitlines()]
-    short = [p for p in rows if len(p) < 300]
+    short = [p for p in rows if len(p) < 200]
     return [short[i % len(short)] for i in range(n)]
 
 
@@ -65,7 +65,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--engine", default="transformers", choices=["transformers", "vllm"])
     parser.add_argument("--model", default=None, help="HF model dir (default: bundled SmolLM2-135M-Instruct)")
-    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=8)
     args = parser.parse_args()
 
     import openai

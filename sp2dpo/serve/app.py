@@ -104,6 +104,13 @@ async def _api_error(request: Request, exc: APIError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
 
+@api.exception_handler(Exception)
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    # A model replica that died or timed out: still an OpenAI-shaped body, never a bare 500 page.
+    log.exception("unhandled error")
+    return JSONResponse(error_body(f"internal error: {type(exc).__name__}", "server_error"), status_code=500)
+
+
 @serve.deployment(max_ongoing_requests=512)
 @serve.ingress(api)
 class OpenAIIngress:

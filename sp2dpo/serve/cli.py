@@ -62,8 +62,7 @@ def serve_cmd(
     if detach:
         run_and_report(lambda: _start(cfg, detach=True), as_json, "serve")
         return
-    run_and_report(lambda: _start(cfg, detach=False), as_json, "serve")
-    _wait_for_interrupt()
+    _serve_until_interrupted(lambda: run_and_report(lambda: _start(cfg, detach=False), as_json, "serve"))
 
 
 def _start(cfg, detach: bool) -> dict:
@@ -90,13 +89,14 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def _wait_for_interrupt() -> None:
+def _serve_until_interrupted(start) -> None:
     from sp2dpo.serve.server import stop_server
 
-    # SIGTERM (kill, container stop) takes the same clean path as Ctrl-C.
+    # SIGTERM (kill, container stop) takes the same clean path as Ctrl-C, during start-up too.
     signal.signal(signal.SIGTERM, _interrupt)
-    typer.secho("serving; press Ctrl-C to stop", err=True)
     try:
+        start()
+        typer.secho("serving; press Ctrl-C to stop", err=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
