@@ -66,7 +66,9 @@ class LocalCluster:
         # Job drivers run `python ...`: it must be this venv's, with this package.
         env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
         env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-                   RAY_ENABLE_UV_RUN_RUNTIME_ENV="0", RAY_USAGE_STATS_ENABLED="0")
+                   RAY_ENABLE_UV_RUN_RUNTIME_ENV="0", RAY_USAGE_STATS_ENABLED="0",
+                   # On SIGTERM a node first drains (for Serve upgrades); a test cluster just stops.
+                   RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")
         # Ray 2.60 turns token authentication on for new local clusters and reads the token from
         # ~/.ray unless told otherwise: give this cluster its own token, shared by its nodes and
         # by the `ray job` clients, so nothing depends on (or touches) the user's ~/.ray.
@@ -178,23 +180,27 @@ class LocalCluster:
         ours.pop(os.getpid(), None)
         return list(ours.values())
 
-    def stop(self) -> None:
+    def stop(self, grace_s: float = 20) -> None:
         leftovers = self._our_processes()
-        for proc in reversed(self.procs):  # the second node first, the head (GCS) last
+        for proc in self.procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(timeout=10)
-        leftovers = {p.pid: p for p in leftovers + self._our_processes()}.values()
+        deadline = time.monotonic() + grace_s
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        # A test cluster needs no more grace than that: kill what is left of ours.
+        leftovers = list({p.pid: p for p in leftovers + self._our_processes()}.values())
         for p in leftovers:
             try:
                 p.kill()
             except psutil.Error:
                 pass
-        psutil.wait_procs(list(leftovers), timeout=10)
+        psutil.wait_procs(leftovers, timeout=10)
+        for proc in self.procs:
+            proc.wait(timeout=10)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def __enter__(self) -> "LocalCluster":

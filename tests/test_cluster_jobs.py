@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -77,3 +78,35 @@ def test_pipeline_job_resumes_when_resubmitted(local_cluster, tmp_path):
     _check(again)
     assert _summary(again)["complete"] == ["data"] and _summary(again)["ran"] == []
     assert (data_dir / "_SUCCESS.json").read_text() == marker
+
+
+def test_pipeline_job_stopped_mid_way_resumes_on_resubmit(local_cluster, tmp_path):
+    from test_pipeline import KILL_SCRIPT, _config
+
+    config = _config(tmp_path)
+    script, flags = tmp_path / "pipe.py", tmp_path / "flags"
+    script.write_text(KILL_SCRIPT)
+    flags.mkdir()
+    entrypoint = ["python", str(script), config.model_dump_json(), str(flags)]
+    job_id = "sp2dpo-stop-test"
+    submitted = local_cluster.submit(entrypoint, wait=False, submission_id=job_id)
+    _check(submitted)
+    deadline = time.monotonic() + 300
+    while not (flags / "started").exists():
+        status = local_cluster.job("status", job_id).stdout
+        assert "FAILED" not in status and "SUCCEEDED" not in status, local_cluster.job("logs", job_id).stdout
+        assert time.monotonic() < deadline, "the slow stage never started"
+        time.sleep(1)
+    stopped = local_cluster.job("stop", job_id)
+    assert stopped.returncode == 0, stopped.stderr
+    slow_dir = Path((flags / "started").read_text())
+    assert "stopped" in local_cluster.job("status", job_id).stdout.lower()
+    assert not (slow_dir / "_SUCCESS.json").exists() and not (flags / "last-ran").exists()
+    data_marker = next(Path(config.run_dir).glob("data-*/_SUCCESS.json")).read_text()
+
+    (flags / "go").write_text("")
+    again = local_cluster.submit(entrypoint)
+    _check(again)
+    results = [line.split()[1:] for line in again.stdout.splitlines() if line.startswith("RESULT")]
+    assert results == [["data", "complete"], ["slow", "ran"], ["last", "ran"]]
+    assert next(Path(config.run_dir).glob("data-*/_SUCCESS.json")).read_text() == data_marker
