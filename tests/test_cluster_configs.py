@@ -191,7 +191,7 @@ def test_job_runtime_env_file():
 
 def test_cluster_recipe_validates_for_every_installed_stage():
     from sp2dpo.pipeline.config import PipelineConfig
-    from sp2dpo.pipeline.runner import StageUnavailable, _section_config
+    from sp2dpo.pipeline.runner import Stage, StageUnavailable, _section_config
     from sp2dpo.pipeline.stages import default_stages
 
     config = PipelineConfig.model_validate(_yaml(CLUSTER / "ultrafeedback-8b.yaml"))
@@ -203,7 +203,14 @@ def test_cluster_recipe_validates_for_every_installed_stage():
         except StageUnavailable:
             continue  # that stage is not in this installation: nothing to validate against
         checked.append(stage.section)
-    assert {"data", "schedule"} <= set(checked), checked
+    from sp2dpo.pipeline.stages import SERVE_CONFIG, run_evaluate
+
+    try:  # the evaluate stages read the serve section too
+        _section_config(Stage("serve", run_evaluate, "serve", SERVE_CONFIG), config)
+        checked.append("serve")
+    except StageUnavailable:
+        pass
+    assert {"data", "annotate", "schedule", "reference", "train", "evaluate"} <= set(checked), checked
 
 
 def test_docs_commands_name_existing_files():

@@ -268,3 +268,21 @@ def test_cli_runs_skips_plans_and_reports_bad_input(tmp_path):
         assert message in bad.stderr and "Traceback" not in bad.stderr
     missing = _cli("--config", str(tmp_path / "nope.yaml"))
     assert missing.returncode == 2 and "not found" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_real_stages_data_annotate_schedule(tmp_path, ray_local):
+    config = PipelineConfig(run_dir=str(tmp_path / "run"), until="schedule",
+                            data={"inputs": ["ultrafeedback-sample"], "limit": 30},
+                            annotate={"teacher": "ratings"}, schedule={"beta0": 0.1})
+    results = _run(config, default_stages(config), until="schedule")
+    assert [r.status for r in results.values()] == ["ran", "ran", "ran"]
+    schedule_dir = Path(results["schedule"].path)
+    betas = {c: pq.read_table(schedule_dir / f"beta-{c}.parquet") for c in config.controls}
+    pair_ids = set(pq.read_table(Path(results["data"].path, "pairs.parquet")).column("pair_id").to_pylist())
+    for control, table in betas.items():
+        assert set(table.column("pair_id").to_pylist()) == pair_ids, control
+    assert set(betas["global"].column("beta").to_pylist()) == {0.1}
+    assert sorted(betas["shuffled"].column("beta").to_pylist()) == sorted(betas["semantic"].column("beta").to_pylist())
+    assert any(schedule_dir.joinpath("audit").iterdir())
+    again = _run(config, default_stages(config), until="schedule")
+    assert [r.status for r in again.values()] == ["complete"] * 3
