@@ -18,6 +18,9 @@ import tempfile
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Ray starts a 1-CPU actor with OMP_NUM_THREADS=1; the loop gets the same threads, or the
+# comparison would measure thread settings (on a busy CPU, extra OpenMP threads only spin).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def main() -> None:
