@@ -1,4 +1,4 @@
-"""ray job submit --working-dir . -- python jobs/pipeline.py --config cluster/ultrafeedback-8b.yaml"""
+"""ray job submit --working-dir . -- python jobs/pipeline.py --config sp2dpo/configs/ultrafeedback-8b.yaml"""
 
 from _entry import run
 

@@ -43,7 +43,7 @@ def run_and_report(fn: Callable[[], dict[str, Any]], as_json: bool, title: str) 
     """Run a stage, turn expected failures into clear errors, print the summary."""
     try:
         summary = fn()
-    except (FileNotFoundError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError) as exc:  # OSError covers unreachable storage too
         fail(str(exc).strip("'\""))
     if as_json:
         print_json_summary(summary)

@@ -194,7 +194,7 @@ def test_cluster_recipe_validates_for_every_installed_stage():
     from sp2dpo.pipeline.runner import Stage, StageUnavailable, _section_config
     from sp2dpo.pipeline.stages import default_stages
 
-    config = PipelineConfig.model_validate(_yaml(CLUSTER / "ultrafeedback-8b.yaml"))
+    config = PipelineConfig.model_validate(_yaml(REPO / "sp2dpo" / "configs" / "ultrafeedback-8b.yaml"))
     assert config.controls == ["semantic", "global", "shuffled"] and "://" in config.run_dir
     checked = []
     for stage in default_stages(config):
@@ -203,7 +203,9 @@ def test_cluster_recipe_validates_for_every_installed_stage():
         except StageUnavailable:
             continue  # that stage is not in this installation: nothing to validate against
         checked.append(stage.section)
-    from sp2dpo.pipeline.stages import SERVE_CONFIG, run_evaluate
+    from sp2dpo.pipeline.stages import run_evaluate
+
+    SERVE_CONFIG = "sp2dpo.serve.config:ServeConfig"
 
     try:  # the evaluate stages read the serve section too
         _section_config(Stage("serve", run_evaluate, "serve", SERVE_CONFIG), config)

@@ -51,6 +51,9 @@ class DataConfig(StageConfig):
     batch_size: int = 4096
     # Keep at most this many pairs (after validation), for quick runs; None keeps all.
     limit: int | None = None
+    # Set aside pairs whose prompt + longer answer exceed this many characters (reason_code
+    # `too_long`): a run setting for small demos and short context windows, not a fault.
+    max_chars: int | None = Field(None, ge=1)
 
 
 class RowError(ValueError):
@@ -364,6 +367,16 @@ def _row_batches(tasks: list[dict], engine: str, batch_size: int) -> Iterator[li
         yield batch.to_pylist()
 
 
+def _set_aside(row: dict, code: str, reason: str) -> dict:
+    """A valid pair that still goes to quarantine (a repeat, or over a size limit)."""
+    raw = json.dumps({k: row[k] for k in ("prompt", "chosen", "rejected")}, ensure_ascii=False)
+    return {**row, "reason": reason, "reason_code": code, "raw": raw}
+
+
+def _pair_chars(row: dict) -> int:
+    return len(row["prompt"]) + max(len(row["chosen"]), len(row["rejected"]))
+
+
 def prepare(config: DataConfig, show_progress: bool = True) -> dict[str, Any]:
     """Write `<out>/pairs.parquet` and `<out>/quarantine.parquet`; return the summary."""
     t0 = time.perf_counter()
@@ -386,11 +399,13 @@ def prepare(config: DataConfig, show_progress: bool = True) -> dict[str, Any]:
                 if row["reason"] is None:
                     first = seen.get(row["pair_id"])
                     if first is not None:
-                        row = {**row, "reason": f"duplicate of pair {row['pair_id']} ({first})", "reason_code": "duplicate",
-                               "raw": json.dumps({k: row[k] for k in ("prompt", "chosen", "rejected")}, ensure_ascii=False)}
+                        row = _set_aside(row, "duplicate", f"duplicate of pair {row['pair_id']} ({first})")
                     elif config.limit is not None and valid >= config.limit:
                         over_limit += 1
                         continue
+                    elif config.max_chars is not None and _pair_chars(row) > config.max_chars:
+                        row = _set_aside(row, "too_long", f"prompt + longer answer is {_pair_chars(row)} characters, "
+                                                          f"over max_chars={config.max_chars}")
                     else:
                         seen[row["pair_id"]] = f"{os.path.basename(row['source'])} {row['location']}"
                         keep.append({k: row[k] for k in PAIRS_SCHEMA.names})

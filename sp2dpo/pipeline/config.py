@@ -28,6 +28,13 @@ class PipelineConfig(StageConfig):
     until: str | None = None
     # Rerun these stages even if complete (their dependents re-run only if their own key changed).
     force: list[str] = Field(default_factory=list)
+    # Teachers run into the same annotation dir, each a partial `annotate` section merged over
+    # the base one (e.g. [{teacher: ratings}, {teacher: vllm}]); empty = the base section alone.
+    teachers: list[dict[str, Any]] = Field(default_factory=list)
+    # Evaluate the untuned base model too (the `base` row of the comparison).
+    evaluate_base: bool = True
+    # Served as `judge` when evaluate.judge_endpoint is empty (None = bundled SmolLM2-135M-Instruct).
+    judge_model: str | None = None
     data: dict[str, Any] = Field(default_factory=dict)
     annotate: dict[str, Any] = Field(default_factory=dict)
     schedule: dict[str, Any] = Field(default_factory=dict)

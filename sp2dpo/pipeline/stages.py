@@ -1,7 +1,8 @@
 """The SP²DPO pipeline as a list of stages over the stage Python APIs.
 
-    data → annotate → schedule (semantic + global + shuffled artifacts, audit) → reference
-         → train-<control> → evaluate-<control> (serve, generate, judge, score) → compare
+    data → annotate (every teacher) → schedule (semantic + global + shuffled artifacts, audit)
+         → reference (offline reference log-probs per artifact) → train-<control> (one student each)
+         → evaluate (one Serve app hosts base, students and judge; generate, judge, score) → compare
 
 Each function below only maps the pipeline's dirs onto one stage API call; the logic lives in the
 stage packages. A stage API that this installation lacks raises StageUnavailable when the
@@ -10,10 +11,23 @@ pipeline is planned, before anything runs.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from sp2dpo.pipeline.config import PipelineConfig
 from sp2dpo.pipeline.runner import Stage, StageDir, load_object
+
+TRAIN_CONFIG = "sp2dpo.train.trainer:TrainConfig"
+EVALUATE_CONFIG = "sp2dpo.evaluate.config:EvaluateConfig"
+RUN_LABELS = {"base": "base", "semantic": "sp2dpo", "global": "dpo-global", "shuffled": "shuffled-beta"}
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        nested = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = deep_merge(merged[key], value) if nested else value
+    return merged
 
 
 def with_paths(cfg: Any, **paths: Any) -> Any:
@@ -29,8 +43,15 @@ def run_data(config: PipelineConfig, sd: StageDir) -> dict[str, Any]:
 
 
 def run_annotate(config: PipelineConfig, sd: StageDir) -> dict[str, Any]:
+    """Every teacher writes into this one dir; the schedule's consensus step reads them all."""
     annotate = load_object("sp2dpo.annotate:annotate")
-    return annotate(with_paths(sd.config, pairs=sd.input_path("data", "pairs.parquet"), out=sd.path))
+    base = sd.config.model_dump()
+    paths = {"pairs": sd.input_path("data", "pairs.parquet"), "out": sd.path}
+    summaries = {}
+    for override in sd.params["teachers"] or [{}]:
+        cfg = type(sd.config).model_validate(deep_merge(base, {**override, **paths}))
+        summaries[f"{cfg.resolved_teacher_name}/{cfg.resolved_prompt_version}"] = annotate(cfg)
+    return summaries
 
 
 def run_schedule(config: PipelineConfig, sd: StageDir) -> dict[str, Any]:
@@ -47,60 +68,94 @@ def run_schedule(config: PipelineConfig, sd: StageDir) -> dict[str, Any]:
 
 
 def run_reference(config: PipelineConfig, sd: StageDir) -> dict[str, Any]:
-    # One pass of the reference model over the pairs serves every control: beta does not enter it.
-    reference_logps = load_object("sp2dpo.train:reference_logps")
-    return reference_logps(sd.input_path("data", "pairs.parquet"), sd.join("reference_logps.parquet"), sd.config)
+    """Reference log-probs for each control's artifact (a flip changes which answer is `chosen`,
+    so each gets its own pass); training then holds no reference model. Model, max_length and
+    dtype are training's: the artifact records them and training checks."""
+    compute_reference = load_object("sp2dpo.train.reference:compute_reference")
+    summaries = {}
+    for control in config.controls:
+        cfg = with_paths(sd.config, artifact=sd.input_path("schedule", f"beta-{control}.parquet"),
+                         pairs=sd.input_path("data", "pairs.parquet"), out=sd.join(f"beta-{control}.parquet"),
+                         **sd.params["train"])
+        summaries[control] = compute_reference(cfg)
+    return summaries
 
 
 def run_train(config: PipelineConfig, sd: StageDir) -> dict[str, Any]:
-    train = load_object("sp2dpo.train:train")
+    train = load_object("sp2dpo.train.trainer:train")
     control = sd.params["control"]
-    return train(with_paths(sd.config, artifact=sd.input_path("schedule", f"beta-{control}.parquet"),
-                            reference_logps=sd.input_path("reference", "reference_logps.parquet"), out=sd.path))
+    return train(with_paths(sd.config, artifact=sd.input_path("reference", f"beta-{control}.parquet"),
+                            pairs=sd.input_path("data", "pairs.parquet"), output_dir=sd.path,
+                            name=f"sp2dpo-train-{control}", compute_reference=False))
+
+
+def served_models(config: PipelineConfig, sd: StageDir) -> list[dict[str, Any]]:
+    """Base model, one student per control and (unless the judge is an outside endpoint) the judge,
+    each served like the serve section's first model entry."""
+    template = dict((sd.params["serve"].get("models") or [{}])[0])
+    models = {"base": sd.params["base_model"]} if config.evaluate_base else {}
+    models.update({control: sd.input_path(f"train-{control}", "model") for control in config.controls})
+    if not sd.config.judge_endpoint:
+        models["judge"] = config.judge_model
+    return [{**template, "id": name, "path": path} for name, path in models.items()]
 
 
 def run_evaluate(config: PipelineConfig, sd: StageDir) -> dict[str, Any]:
-    from sp2dpo.pipeline.runner import _section_config
-
-    evaluate = load_object("sp2dpo.evaluate")
     serve = load_object("sp2dpo.serve")
-    serve_cfg = _section_config(Stage("serve", run_evaluate, "serve", "sp2dpo.serve:ServeConfig"), config)
-    control = sd.params["control"]
-    checkpoint = sd.input_path(f"train-{control}", "checkpoint")
-    base_url = serve.start_server(with_paths(serve_cfg, model=checkpoint))
+    run = load_object("sp2dpo.evaluate.run")
+    score_annotations = load_object("sp2dpo.evaluate.score:score_annotations")
+
+    serve_cfg = serve.ServeConfig.model_validate({**sd.params["serve"], "models": served_models(config, sd)})
+    base_url = serve.start_server(serve_cfg)
+    runs = (["base"] if config.evaluate_base else []) + list(config.controls)
+    summary: dict[str, Any] = {"endpoint": base_url}
     try:
-        generated = evaluate.generate(with_paths(sd.config, base_url=base_url, out=sd.path))
-        judged = evaluate.judge(with_paths(sd.config, out=sd.path))
-        scored = evaluate.score(with_paths(sd.config, out=sd.path))
+        for name in runs:
+            cfg = with_paths(sd.config, endpoint=base_url, model=name, name=RUN_LABELS[name], out=sd.join(name),
+                             judge_endpoint=sd.config.judge_endpoint or base_url,
+                             judge_model=sd.config.judge_model or "judge")
+            generated = run.generate(cfg)
+            judged = run.judge(cfg, generated["model_outputs"])
+            scored = score_annotations(judged["annotations"], glm=cfg.glm, instruction_difficulty=cfg.instruction_difficulty,
+                                       df_gamed=cfg.df_gamed, allow_missing=cfg.allow_missing, eval_set=cfg.eval_set)
+            with open(sd.join(name, "score.json"), "w") as f:
+                json.dump(scored, f, indent=2, default=str)
+            summary[name] = {k: scored.get(k) for k in ("win_rate", "lc_win_rate", "n", "n_missing", "avg_length")}
     finally:
         serve.stop_server()
-    return {"control": control, "generate": generated, "judge": judged, "score": scored}
+    return summary
 
 
 def run_compare(config: PipelineConfig, sd: StageDir) -> dict[str, Any]:
-    compare = load_object("sp2dpo.evaluate:compare")
-    runs = {name.removeprefix("evaluate-"): result.path for name, result in sd.inputs.items()}
-    return compare(runs, sd.path)
+    compare = load_object("sp2dpo.evaluate.compare:compare")
+    runs = (["base"] if config.evaluate_base else []) + list(config.controls)
+    return compare([f"{RUN_LABELS[r]}={sd.input_path('evaluate', r)}" for r in runs], with_paths(sd.config, out=sd.path))
 
 
 def default_stages(config: PipelineConfig) -> list[Stage]:
+    train = load_object(TRAIN_CONFIG).model_validate(config.train)
+    eval_paths = ("out", "endpoint", "model", "name")
     stages = [
         Stage("data", run_data, "data", "sp2dpo.data.prepare:DataConfig", description="pairs table"),
-        Stage("annotate", run_annotate, "annotate", "sp2dpo.annotate:AnnotateConfig", ("data",),
-              path_fields=("out", "pairs"), description="teacher semantic-gap annotations"),
-        Stage("schedule", run_schedule, "schedule", "sp2dpo.schedule:ScheduleConfig", ("data", "annotate"),
+        Stage("annotate", run_annotate, "annotate", "sp2dpo.annotate.config:AnnotateConfig", ("data",),
+              params={"teachers": config.teachers}, path_fields=("out", "pairs"),
+              description="teacher semantic-gap annotations"),
+        Stage("schedule", run_schedule, "schedule", "sp2dpo.schedule.beta:ScheduleConfig", ("data", "annotate"),
               params={"controls": list(config.controls)}, description="beta artifacts and audit"),
-        Stage("reference", run_reference, "train", "sp2dpo.train:TrainConfig", ("data",),
-              description="reference log-probs"),
+        Stage("reference", run_reference, "reference", "sp2dpo.train.reference:ReferenceConfig", ("data", "schedule"),
+              params={"controls": list(config.controls),
+                      "train": {"model": train.reference_id(), "max_length": train.max_length, "dtype": train.dtype}},
+              path_fields=("out", "artifact", "pairs", "model", "max_length", "dtype"), description="reference log-probs"),
     ]
     for control in config.controls:
-        stages.append(Stage(f"train-{control}", run_train, "train", "sp2dpo.train:TrainConfig",
-                            ("schedule", "reference"), {"control": control},
-                            path_fields=("out", "artifact", "reference_logps"), description=f"train the {control} student"))
-    for control in config.controls:
-        stages.append(Stage(f"evaluate-{control}", run_evaluate, "evaluate", "sp2dpo.evaluate:EvaluateConfig",
-                            (f"train-{control}",), {"control": control, "serve": config.serve},
-                            path_fields=("out", "base_url"), description=f"serve and evaluate the {control} student"))
-    stages.append(Stage("compare", run_compare, None, None, tuple(f"evaluate-{c}" for c in config.controls),
-                        description="comparison table"))
+        stages.append(Stage(f"train-{control}", run_train, "train", TRAIN_CONFIG, ("data", "reference"),
+                            {"control": control},
+                            path_fields=("artifact", "pairs", "output_dir", "name", "storage_path", "compute_reference"),
+                            description=f"train the {control} student"))
+    stages.append(Stage("evaluate", run_evaluate, "evaluate", EVALUATE_CONFIG, tuple(f"train-{c}" for c in config.controls),
+                        {"serve": config.serve, "base_model": train.model, "judge_model": config.judge_model,
+                         "evaluate_base": config.evaluate_base, "controls": list(config.controls)},
+                        path_fields=eval_paths, description="serve base + students + judge; generate, judge, score"))
+    stages.append(Stage("compare", run_compare, "evaluate", EVALUATE_CONFIG, ("evaluate",), path_fields=eval_paths,
+                        description="comparison table and chart"))
     return stages
