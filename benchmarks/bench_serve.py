@@ -1,13 +1,13 @@
 """Throughput and p50/p99 latency at concurrency 1, 8 and 32: through Ray Serve vs. in-process.
 
-    python benchmarks/bench_serve.py [--engine transformers|vllm] [--max-tokens 8] [--model PATH]
+    python benchmarks/bench_serve.py [--engine transformers|vllm] [--max-tokens 8] [--rounds 3] [--model PATH]
 
 Baseline in the same run: the very engine and OpenAI layer a Serve replica runs
 (`OpenAIModel.respond`), called directly from an asyncio loop in this process with the same
 prompts, the same concurrency and greedy decoding (so both sides generate the same tokens).
+Each level runs several rounds per side, alternating which side goes first.
 The Serve side goes through everything a client sees: the real `openai` client, HTTP, the proxy,
-the ingress (auth, validation, routing) and a deployment handle. Levels alternate between the two
-sides so a change in machine load hits both alike.
+the ingress (auth, validation, routing) and a deployment handle.
 
     RESULT serve_overhead_c8 <time per request through Serve / in-process, at concurrency 8>
 """
@@ -25,7 +25,7 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-LEVELS = {1: 4, 8: 16, 32: 32}  # concurrency → requests measured
+LEVELS = {1: 2, 8: 8, 32: 32}  # concurrency → requests per round; each side runs --rounds rounds
 
 
 def _prompts(n: int) -> list[str]:
@@ -36,13 +36,15 @@ def _prompts(n: int) -> list[str]:
     return [short[i % len(short)] for i in range(n)]
 
 
-def _stats(latencies: list[float], wall: float, tokens: int) -> dict[str, float]:
-    ordered = sorted(latencies)
-    return {"req_per_s": len(latencies) / wall, "tok_per_s": tokens / wall, "p50_s": statistics.median(ordered),
+def _stats(runs: list[tuple[list[float], float, int]]) -> dict[str, float]:
+    """Pool rounds: throughput = all requests / all wall time; percentiles over every request."""
+    ordered = sorted(x for latencies, _, _ in runs for x in latencies)
+    wall, tokens = sum(w for _, w, _ in runs), sum(t for _, _, t in runs)
+    return {"req_per_s": len(ordered) / wall, "tok_per_s": tokens / wall, "p50_s": statistics.median(ordered),
             "p99_s": ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]}
 
 
-async def _drive(call, prompts: list[str], concurrency: int) -> dict[str, float]:
+async def _drive(call, prompts: list[str], concurrency: int) -> tuple[list[float], float, int]:
     """`concurrency` closed-loop clients share the prompt list; each call returns its token count."""
     queue = list(enumerate(prompts))
     latencies, tokens = [], 0
@@ -58,7 +60,7 @@ async def _drive(call, prompts: list[str], concurrency: int) -> dict[str, float]
 
     t0 = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(concurrency)))
-    return _stats(latencies, time.perf_counter() - t0, tokens)
+    return latencies, time.perf_counter() - t0, tokens
 
 
 def main() -> None:
@@ -66,6 +68,7 @@ def main() -> None:
     parser.add_argument("--engine", default="transformers", choices=["transformers", "vllm"])
     parser.add_argument("--model", default=None, help="HF model dir (default: bundled SmolLM2-135M-Instruct)")
     parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
     import openai
@@ -110,8 +113,14 @@ def main() -> None:
             await _drive(call_serve, warm, 4)
             for concurrency, n in LEVELS.items():
                 prompts = _prompts(n)
-                results["in-process"][concurrency] = await _drive(call_direct, prompts, concurrency)
-                results["serve"][concurrency] = await _drive(call_serve, prompts, concurrency)
+                runs: dict[str, list] = {"in-process": [], "serve": []}
+                for r in range(args.rounds):
+                    # Alternate which side goes first, so drifting machine load hits both alike.
+                    order = [("in-process", call_direct), ("serve", call_serve)]
+                    for side, call in order if r % 2 == 0 else order[::-1]:
+                        runs[side].append(await _drive(call, prompts, concurrency))
+                for side in runs:
+                    results[side][concurrency] = _stats(runs[side])
             await client.close()
 
         asyncio.run(run_all())
@@ -119,7 +128,8 @@ def main() -> None:
         stop_server()
         direct.engine.shutdown()
 
-    print(f"engine={args.engine} max_tokens={args.max_tokens} torch_threads={threads} (greedy, chat)")
+    print(f"engine={args.engine} max_tokens={args.max_tokens} torch_threads={threads} rounds={args.rounds} "
+          f"requests/round={LEVELS} (greedy, chat); load average {os.getloadavg()[0]:.1f} on {threads} cores")
     print(f"{'side':<11} {'conc':>4} {'req/s':>7} {'tok/s':>7} {'p50 s':>7} {'p99 s':>7}")
     for side, levels in results.items():
         for concurrency, r in levels.items():
