@@ -166,12 +166,12 @@ def test_cli_missing_input_is_clear_error(tmp_path):
     assert "input not found" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_max_chars_sets_long_pairs_aside_and_limit(tmp_path):
-    rows = [{"prompt": "p" * n, "chosen": "a" * n, "rejected": "b"} for n in (500, 10, 20, 30)]
+def test_max_tokens_sets_long_pairs_aside_and_limit(tmp_path):
+    rows = [{"prompt": "word " * n, "chosen": "answer " * n, "rejected": "b"} for n in (500, 10, 20, 30)]
     path = tmp_path / "in.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows))
-    summary, pairs, quarantine = _run(tmp_path, [str(path)], max_chars=100, limit=1)
-    assert [len(p["prompt"]) for p in pairs] == [10]
+    summary, pairs, quarantine = _run(tmp_path, [str(path)], max_tokens=100, limit=1)
+    assert [p["prompt"] for p in pairs] == ["word " * 10]
     assert [q["reason_code"] for q in quarantine] == ["too_long"]
-    assert "over max_chars=100" in quarantine[0]["reason"]
+    assert "over max_tokens=100" in quarantine[0]["reason"]
     assert summary["skipped_over_limit"] == 2 and summary["total"] == 4

@@ -24,7 +24,7 @@ import os
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -51,9 +51,11 @@ class DataConfig(StageConfig):
     batch_size: int = 4096
     # Keep at most this many pairs (after validation), for quick runs; None keeps all.
     limit: int | None = None
-    # Set aside pairs whose prompt + longer answer exceed this many characters (reason_code
-    # `too_long`): a run setting for small demos and short context windows, not a fault.
-    max_chars: int | None = Field(None, ge=1)
+    # Set aside pairs whose prompt + longer answer exceed this many tokens of `tokenizer`
+    # (reason_code `too_long`): a run setting that fits pairs to a student's max_length (leave room
+    # for the chat template), not a fault.
+    max_tokens: int | None = Field(None, ge=1)
+    tokenizer: str = "smollm2"  # a local HF dir or a bundled model name
 
 
 class RowError(ValueError):
@@ -373,8 +375,20 @@ def _set_aside(row: dict, code: str, reason: str) -> dict:
     return {**row, "reason": reason, "reason_code": code, "raw": raw}
 
 
-def _pair_chars(row: dict) -> int:
-    return len(row["prompt"]) + max(len(row["chosen"]), len(row["rejected"]))
+def _token_counter(config: DataConfig) -> Callable[[dict], int] | None:
+    if config.max_tokens is None:
+        return None
+    from transformers import AutoTokenizer
+
+    from sp2dpo.models import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(config.tokenizer))
+
+    def count(row: dict) -> int:
+        prompt = len(tokenizer(row["prompt"], add_special_tokens=False)["input_ids"])
+        return prompt + max(len(tokenizer(row[k], add_special_tokens=False)["input_ids"]) for k in ("chosen", "rejected"))
+
+    return count
 
 
 def prepare(config: DataConfig, show_progress: bool = True) -> dict[str, Any]:
@@ -386,6 +400,7 @@ def prepare(config: DataConfig, show_progress: bool = True) -> dict[str, Any]:
         engine = "ray" if _input_bytes(tasks) >= config.ray_min_bytes else "local"
     makedirs(config.out)
     pairs_path, quarantine_path = join_uri(config.out, "pairs.parquet"), join_uri(config.out, "quarantine.parquet")
+    count_tokens = _token_counter(config)
     seen: dict[str, str] = {}
     counts: Counter[str] = Counter()
     total = valid = over_limit = 0
@@ -403,9 +418,9 @@ def prepare(config: DataConfig, show_progress: bool = True) -> dict[str, Any]:
                     elif config.limit is not None and valid >= config.limit:
                         over_limit += 1
                         continue
-                    elif config.max_chars is not None and _pair_chars(row) > config.max_chars:
-                        row = _set_aside(row, "too_long", f"prompt + longer answer is {_pair_chars(row)} characters, "
-                                                          f"over max_chars={config.max_chars}")
+                    elif count_tokens is not None and (n := count_tokens(row)) > config.max_tokens:
+                        row = _set_aside(row, "too_long", f"prompt + longer answer is {n} tokens, "
+                                                          f"over max_tokens={config.max_tokens}")
                     else:
                         seen[row["pair_id"]] = f"{os.path.basename(row['source'])} {row['location']}"
                         keep.append({k: row[k] for k in PAIRS_SCHEMA.names})
