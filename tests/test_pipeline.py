@@ -286,3 +286,24 @@ def test_real_stages_data_annotate_schedule(tmp_path, ray_local):
     assert any(schedule_dir.joinpath("audit").iterdir())
     again = _run(config, default_stages(config), until="schedule")
     assert [r.status for r in again.values()] == ["complete"] * 3
+
+
+def test_reference_stage_scores_once_for_controls_with_the_same_rows(tmp_path, ray_local, tiny_model_dir):
+    config = PipelineConfig(run_dir=str(tmp_path / "run"), until="reference",
+                            data={"inputs": ["ultrafeedback-sample"], "limit": 6, "max_tokens": 200},
+                            annotate={"teacher": "ratings"}, schedule={"beta0": 0.1},
+                            train={"model": str(tiny_model_dir), "max_length": 256})
+    results = _run(config, default_stages(config), until="reference")
+    summary = results["reference"].summary
+    assert "scored_pairs" in summary["semantic"]
+    # Same pairs, no flips or drops by default: global and shuffled reuse the semantic pass.
+    assert summary["global"]["reused_from"] == summary["shuffled"]["reused_from"] == summary["semantic"]["artifact"]
+    ref_dir = Path(results["reference"].path)
+    tables = {c: pq.read_table(ref_dir / f"beta-{c}.parquet") for c in config.controls}
+    for control in ("global", "shuffled"):
+        assert tables[control]["ref_chosen_logps"].equals(tables["semantic"]["ref_chosen_logps"])
+        assert tables[control]["beta"].equals(pq.read_table(Path(results["schedule"].path) / f"beta-{control}.parquet")["beta"])
+    from sp2dpo.schedule.artifact import read_artifact
+
+    assert read_artifact(str(ref_dir / "beta-global.parquet"))[1]["reference"] == \
+        read_artifact(str(ref_dir / "beta-semantic.parquet"))[1]["reference"]

@@ -68,16 +68,34 @@ def run_schedule(config: PipelineConfig, sd: StageDir) -> dict[str, Any]:
 
 
 def run_reference(config: PipelineConfig, sd: StageDir) -> dict[str, Any]:
-    """Reference log-probs for each control's artifact (a flip changes which answer is `chosen`,
-    so each gets its own pass); training then holds no reference model. Model, max_length and
-    dtype are training's: the artifact records them and training checks."""
+    """Reference log-probs for each control's artifact; training then holds no reference model.
+
+    Model, max_length and dtype are training's (the artifact records them and training checks).
+    The controls share pairs and differ in β, so one pass serves every artifact whose rows
+    (pair, flipped, dropped) are the same; only a different flip or drop set gets its own pass.
+    """
     compute_reference = load_object("sp2dpo.train.reference:compute_reference")
-    summaries = {}
+    from sp2dpo.schedule.artifact import REF_LOGP_COLUMNS, read_artifact
+    from sp2dpo.utils import write_parquet
+
+    scored: list[tuple[Any, str]] = []  # (rows key table, scored artifact path)
+    summaries: dict[str, Any] = {}
     for control in config.controls:
-        cfg = with_paths(sd.config, artifact=sd.input_path("schedule", f"beta-{control}.parquet"),
-                         pairs=sd.input_path("data", "pairs.parquet"), out=sd.join(f"beta-{control}.parquet"),
-                         **sd.params["train"])
-        summaries[control] = compute_reference(cfg)
+        source, out = sd.input_path("schedule", f"beta-{control}.parquet"), sd.join(f"beta-{control}.parquet")
+        table, metadata = read_artifact(source)
+        rows = table.select(["pair_id", "flipped", "dropped"])
+        match = next((path for key, path in scored if key.equals(rows)), None)
+        if match is None:
+            cfg = with_paths(sd.config, artifact=source, pairs=sd.input_path("data", "pairs.parquet"), out=out,
+                             **sd.params["train"])
+            summaries[control] = compute_reference(cfg)
+            scored.append((rows, out))
+            continue
+        done, done_metadata = read_artifact(match)
+        for name in REF_LOGP_COLUMNS:
+            table = table.append_column(name, done[name])
+        write_parquet(table, out, {**metadata, "reference": done_metadata["reference"]})
+        summaries[control] = {"artifact": out, "reused_from": match}
     return summaries
 
 
