@@ -110,3 +110,40 @@ def test_pipeline_job_stopped_mid_way_resumes_on_resubmit(local_cluster, tmp_pat
     results = [line.split()[1:] for line in again.stdout.splitlines() if line.startswith("RESULT")]
     assert results == [["data", "complete"], ["slow", "ran"], ["last", "ran"]]
     assert next(Path(config.run_dir).glob("data-*/_SUCCESS.json")).read_text() == data_marker
+
+
+def test_demo_pipeline_job_on_two_nodes_writes_every_stage(local_cluster, tmp_path):
+    """The packaged demo config, scaled down (fewer pairs and instructions, the ratings teacher
+    alone), submitted with `ray job submit` to the two-node cluster: every stage's outputs exist."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    overrides = [f"run_dir={tmp_path / 'run'}", "data.limit=6", "data.max_tokens=200", "teachers=[{teacher: ratings}]",
+                 "train.max_length=256", "evaluate.limit=2", "evaluate.max_tokens=16", f"serve.port={port}"]
+    command = ["python", "jobs/pipeline.py", "--config", "demo", "--json"]
+    for item in overrides:
+        command += ["--set", item]
+    proc = local_cluster.submit(command)
+    _check(proc)
+    summary = _summary(proc)
+    stages = summary["stages"]
+    assert summary["complete"] == [] and len(summary["ran"]) == 9, summary
+    path = {name: Path(s["path"]) for name, s in stages.items()}
+    assert pq.read_table(path["data"] / "pairs.parquet").num_rows == 6
+    assert list(path["annotate"].rglob("*.parquet"))
+    for control in ("semantic", "global", "shuffled"):
+        assert pq.read_table(path["schedule"] / f"beta-{control}.parquet").num_rows == 6
+        ref = pq.read_table(path["reference"] / f"beta-{control}.parquet")
+        assert ref["ref_chosen_logps"].null_count == 0
+        model = path[f"train-{control}"] / "model"
+        assert (model / "config.json").exists() and (model / "model.safetensors").exists()
+        assert json.loads((path[f"train-{control}"] / "training_summary.json").read_text())["steps"] >= 1
+    assert (path["schedule"] / "audit" / "report.md").exists()
+    for run in ("base", "semantic", "global", "shuffled"):
+        assert len(json.loads((path["evaluate"] / run / "annotations.json").read_text())) == 2
+        assert "win_rate" in json.loads((path["evaluate"] / run / "score.json").read_text())
+    assert (path["compare"] / "comparison.md").exists() and (path["compare"] / "comparison.png").exists()
+    for name in stages:
+        assert (path[name] / "_SUCCESS.json").exists(), name

@@ -75,6 +75,24 @@ def demo_cmd(
 
     cfg = build_config(PipelineConfig, "demo", overrides, "pipeline")
     _run_cli(cfg, None, None, False, as_json, "demo")
+    if not as_json:
+        _print_demo_report(cfg.run_dir)
+
+
+def _print_demo_report(run_dir: str) -> None:
+    """What a person wants at the end of the demo: the comparison and where the audit lives."""
+    import json
+    from pathlib import Path
+
+    manifest = json.loads(Path(run_dir, "pipeline.json").read_text())
+    paths = {s["name"]: Path(s["path"]) for s in manifest["stages"]}
+    typer.echo("")
+    typer.echo((paths["compare"] / "comparison.md").read_text())
+    audit = paths["schedule"] / "audit"
+    typer.echo(f"audit report: {audit / 'report.md'}")
+    for plot in sorted(audit.glob("*.png")):
+        typer.echo(f"audit plot:   {plot}")
+    typer.echo(f"comparison:   {paths['compare'] / 'comparison.png'}")
 
 
 def register(root: typer.Typer) -> None:

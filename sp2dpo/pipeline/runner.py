@@ -24,6 +24,7 @@ import datetime as dt
 import hashlib
 import importlib
 import json
+import os
 import sys
 import time
 import traceback
@@ -207,6 +208,8 @@ def run_pipeline(
     from rich.console import Console
 
     console = console or Console(stderr=True)
+    if "://" not in run_dir:
+        run_dir = os.path.abspath(run_dir)  # stages hand paths to Ray workers with other working dirs
     p = plan(config, stages, run_dir, until)
     unknown = set(force) - set(p.keys)
     if unknown:

@@ -481,6 +481,10 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> dict[str, Any]:
     from sp2dpo.utils import filesystem_and_path, init_ray
 
     t0 = time.perf_counter()
+    # Ray Train workers run in their own working directory: local paths must be absolute.
+    local = {k: os.path.abspath(v) for k in ("artifact", "pairs", "output_dir", "model", "reference_model")
+             if (v := getattr(cfg, k)) and "://" not in v and (k in ("artifact", "pairs", "output_dir") or os.path.exists(v))}
+    cfg = cfg.model_copy(update=local)
     cfg = prepare_artifact(cfg, show_progress)
     init_ray()
     storage = cfg.storage_path or f"{cfg.output_dir.rstrip('/')}/ray"
