@@ -6,7 +6,7 @@
    the same batches in one process (goal ≤ 1.01: β_i costs one [B] multiply).
 2. speedup_vs_trl / memory_vs_trl: our trainer (`sp2dpo train`, one Ray Train worker, offline
    reference log-probs, no reference model) vs stock TRL `DPOTrainer` computing reference
-   log-probs in the loop — same model, pairs, batch size, max_length, fp32, AdamW, no gradient
+   log-probs in the loop — same model, pairs, batch size, max_length, fp32, fused AdamW, no gradient
    checkpointing. Each runs in its own process; tokens/s is the attention-masked tokens over the
    summed optimizer-step time, peak memory is that process's peak RSS (`ru_maxrss`), so the two
    runs never share a peak. The one-off reference pass is timed and printed separately.
@@ -77,7 +77,7 @@ class StepTimer(TrainerCallback):
     def on_step_end(self, args, state, control, **kw): StepTimer.seconds += time.perf_counter() - self.t0
 
 args = DPOConfig(output_dir=a["out"], use_cpu=True, bf16=False, beta=0.1, per_device_train_batch_size=2,
-                 max_length=512, max_steps=a["steps"], learning_rate=1e-6, optim="adamw_torch",
+                 max_length=512, max_steps=a["steps"], learning_rate=1e-6,
                  gradient_checkpointing=False, report_to=[], save_strategy="no", logging_steps=1,
                  dataloader_num_workers=0, seed=0)
 trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),

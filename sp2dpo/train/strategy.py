@@ -65,8 +65,9 @@ class TorchStrategy:
     def prepare(self, model: torch.nn.Module) -> None:
         model.to(self.device)
         self.module = model
+        # Fused AdamW (the HF Trainer default): no param-sized temporaries, so a lower peak.
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=self.cfg.learning_rate,
-                                           weight_decay=self.cfg.weight_decay)
+                                           weight_decay=self.cfg.weight_decay, fused=True)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_lambda(self.cfg.warmup_steps))
         if self.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel
