@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from typing import Any
 
 import pyarrow as pa
@@ -126,6 +127,9 @@ def tokenizer_hash(tokenizer: Any) -> str:
 def reference_tag(model_id: str, tokenizer: Any, max_length: int | None) -> dict[str, Any]:
     """What the offline reference log-probs depend on; stored in the artifact, checked at training."""
     template = tokenizer.chat_template or ""
+    # A local path is stored absolute, so `./m` and `/abs/m` (as Ray workers see it) match.
+    if os.path.exists(model_id):
+        model_id = os.path.abspath(model_id)
     return {
         "model_id": model_id,
         "tokenizer_hash": tokenizer_hash(tokenizer),
