@@ -6,10 +6,15 @@ the same that runs from the CLI on a laptop, reading the same config file.
 
 from __future__ import annotations
 
+import os
 import sys
 
 
 def run(*stage: str) -> None:
+    # The job's working dir is a Ray-managed copy that can be removed while a long job still runs
+    # (seen after Ray Train and Serve actors of the job exit); relative sys.path entries would then
+    # fail every later import that resolves them (pkg_resources does), so pin them now.
+    sys.path[:] = [os.path.abspath(p) for p in sys.path]
     from sp2dpo.cli import app
 
     app([*stage, *sys.argv[1:]], prog_name=f"jobs/{stage[0]}.py")

@@ -232,3 +232,17 @@ def test_compare_table_and_chart(tmp_path):
     dup = CliRunner().invoke(app, ["evaluate", "compare", f"a={annotations_path(MODELS[0])}",
                                    f"a={annotations_path(MODELS[1])}", "--out", str(tmp_path)])
     assert dup.exit_code == 2 and "unique" in dup.output
+
+
+def test_lc_on_fewer_instructions_than_cv_folds_fits_without_cv():
+    import numpy as np
+
+    from sp2dpo.evaluate.lc import length_controlled_winrate
+
+    few = length_controlled_winrate(np.array([0.3, 0.9]), np.array([100.0, 200.0]), np.array([50.0, 300.0]),
+                                    np.array([0.1, -0.2]), glm="length_controlled_noreg")
+    assert few["glm_cross_validated"] is False and 0 < few["lc_win_rate"] < 100
+    rng = np.random.default_rng(0)
+    many = length_controlled_winrate(rng.random(20), rng.random(20) * 100 + 50, rng.random(20) * 100 + 50,
+                                     rng.standard_normal(20), glm="length_controlled_noreg")
+    assert many["glm_cross_validated"] is True

@@ -95,8 +95,13 @@ def length_controlled_winrate(
         # scikit-learn >= 1.8 deprecates the `penalty` argument alpaca_eval passes; same fit.
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", UserWarning)
-        model = fit_LogisticRegressionCV(rows, "preference", is_ytrue_proba=True, sample_weight=sample_weight,
-                                         **info["kwargs"])
+        # k-fold CV picks the L1 strength; with fewer than k instructions (smoke runs) there is
+        # nothing to cross-validate, so fit at alpaca_eval's fixed C (its n_splits=0 path).
+        kwargs = dict(info["kwargs"])
+        n_splits = kwargs.get("n_splits", 5)
+        if len(rows) < n_splits:
+            kwargs["n_splits"] = n_splits = 0
+        model = fit_LogisticRegressionCV(rows, "preference", is_ytrue_proba=True, sample_weight=sample_weight, **kwargs)
     names = [c for c in rows.columns if c != "preference"]
     weights = dict(zip(names, (float(w) for w in model.coef_[0])))
     logit = weights[COLUMNS[2]] + (weights.get(COLUMNS[1], 0.0) * np.asarray(difficulty, float))
@@ -106,6 +111,7 @@ def length_controlled_winrate(
         "lc_standard_error": float(predicted.std(ddof=1) / np.sqrt(len(predicted)) * 100) if len(predicted) > 1 else float("nan"),
         "glm": glm,
         "glm_weights": weights,
+        "glm_cross_validated": n_splits > 0,
     }
 
 
