@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from typing import Any, Callable, TypeVar
 
@@ -20,17 +21,12 @@ JsonOpt = typer.Option(False, "--json", help="Print a machine-readable JSON summ
 def build_config(cls: type[C], config: str | None, overrides: list[str] | None, section: str,
                  **cli_values: Any) -> C:
     """Config from YAML + `--set` overrides + explicit CLI flags (flags win; None = not given)."""
-    extra = [f"{k}={_yaml_value(v)}" for k, v in cli_values.items() if v is not None]
+    # JSON is valid YAML, so each flag value survives the override parser with its type.
+    extra = [f"{k}={json.dumps(v)}" for k, v in cli_values.items() if v is not None]
     try:
         return load_config(cls, config, list(overrides or []) + extra, section=section)
     except (ValueError, FileNotFoundError) as exc:
         fail(f"invalid config: {exc}")
-
-
-def _yaml_value(value: Any) -> str:
-    import json
-
-    return json.dumps(value) if not isinstance(value, str) else json.dumps(value)
 
 
 def fail(message: str, code: int = 2) -> None:
