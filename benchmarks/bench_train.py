@@ -1,15 +1,23 @@
 """Training cost of per-pair β, and our trainer against stock TRL, on the same model, data, machine.
 
-    python benchmarks/bench_train.py [--model smollm2] [--pairs 24] [--steps 6]
+    python benchmarks/bench_train.py [--model smollm2] [--pairs 24] [--steps 6] [--device cpu|cuda]
 
 1. per_pair_overhead: step time of our loop with a [B] β tensor vs one global β, alternating on
    the same batches in one process (goal ≤ 1.01: β_i costs one [B] multiply).
 2. speedup_vs_trl / memory_vs_trl: our trainer (`sp2dpo train`, one Ray Train worker, offline
    reference log-probs, no reference model) vs stock TRL `DPOTrainer` computing reference
-   log-probs in the loop — same model, pairs, batch size, max_length, fp32, fused AdamW, no gradient
-   checkpointing. Each runs in its own process; tokens/s is the attention-masked tokens over the
-   summed optimizer-step time, peak memory is that process's peak RSS (`ru_maxrss`), so the two
-   runs never share a peak. The one-off reference pass is timed and printed separately.
+   log-probs in the loop — same model, pairs, batch size, max_length, fp32, fused AdamW, gradient
+   checkpointing on (TRL's DPOConfig default: without it activations dominate both peaks). Each runs in its own process; tokens/s is the attention-masked tokens over the
+   summed optimizer-step time, peak memory is that process's peak RSS (`ru_maxrss`) on CPU and
+   `torch.cuda.max_memory_allocated` on a GPU, so the runs never share a peak. The one-off
+   reference pass is timed and printed separately.
+
+   Our trainer runs twice. `speedup_vs_trl` and `memory_vs_trl_same_settings` use the settings
+   TRL has (global-norm clipping at 1.0, a separate optimizer step): the saving there is the
+   reference model's weights and its forward pass. `memory_vs_trl` is our trainer as one worker
+   should run it when memory is what limits: `optimizer_in_backward` (AdamW stepped per
+   parameter inside backward, each gradient freed at once), which needs clipping off. TRL keeps
+   its default clipping; clipping costs TRL no measurable memory (per-tensor norms only).
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def per_pair_overhead(model_id: str, pairs: str, artifact: str, steps: int) -> tuple[float, float, float]:
+def per_pair_overhead(model_id: str, pairs: str, artifact: str, steps: int, device: str) -> tuple[float, float, float]:
     import torch
 
     from sp2dpo.train.data import PerPairCollator, load_training_table, tokenize_table
@@ -36,21 +44,25 @@ def per_pair_overhead(model_id: str, pairs: str, artifact: str, steps: int) -> t
     from sp2dpo.train.strategy import TorchStrategy
     from sp2dpo.train.trainer import TrainConfig, batch_loss
 
-    cfg = TrainConfig(model=model_id, strategy="torch", max_length=512, micro_batch_size=2, learning_rate=1e-6)
+    cfg = TrainConfig(model=model_id, strategy="torch", max_length=512, micro_batch_size=2, learning_rate=1e-6,
+                      use_gpu=device == "cuda")
     model, tok = load_causal_lm(model_id)
     table, _ = load_training_table(artifact, pairs, require_ref=True)
     examples = tokenize_table(table, tok, cfg.max_length)
     collate = PerPairCollator(tok.pad_token_id, cfg.max_length)
-    strategy = TorchStrategy(cfg, 1, 0, torch.device("cpu"))
+    strategy = TorchStrategy(cfg, 1, 0, torch.device(device))
     strategy.prepare(model)
     times: dict[str, list[float]] = {"per_pair": [], "global": []}
     for i in range(steps + 1):
         batch = collate(examples[(2 * i) % len(examples): (2 * i) % len(examples) + 2])
+        batch = {k: v.to(device) for k, v in batch.items()}
         for variant in ("per_pair", "global") if i % 2 == 0 else ("global", "per_pair"):
             b = dict(batch) if variant == "per_pair" else {**batch, "beta": 0.1}
             t0 = time.perf_counter()
             strategy.backward(batch_loss(strategy.model, b, cfg).losses.mean())
             strategy.step()
+            if device == "cuda":
+                torch.cuda.synchronize()
             if i > 0:  # the first round warms up allocator and kernels
                 times[variant].append(time.perf_counter() - t0)
     pp, gl = times["per_pair"], times["global"]
@@ -76,9 +88,10 @@ class StepTimer(TrainerCallback):
     def on_step_begin(self, args, state, control, **kw): self.t0 = time.perf_counter()
     def on_step_end(self, args, state, control, **kw): StepTimer.seconds += time.perf_counter() - self.t0
 
-args = DPOConfig(output_dir=a["out"], use_cpu=True, bf16=False, beta=0.1, per_device_train_batch_size=2,
+cuda = a["device"] == "cuda"
+args = DPOConfig(output_dir=a["out"], use_cpu=not cuda, bf16=False, beta=0.1, per_device_train_batch_size=2,
                  max_length=512, max_steps=a["steps"], learning_rate=1e-6,
-                 gradient_checkpointing=False, report_to=[], save_strategy="no", logging_steps=1,
+                 gradient_checkpointing=True, report_to=[], save_strategy="no", logging_steps=1,
                  dataloader_num_workers=0, seed=0)
 trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
                      ref_model=AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
@@ -86,8 +99,8 @@ trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(path, dtype=torc
                      processing_class=AutoTokenizer.from_pretrained(path), callbacks=[StepTimer()])
 trainer.train()
 tokens = max(h.get("num_tokens", 0) for h in trainer.state.log_history)
-print("RESULT_JSON " + json.dumps({"tokens": tokens, "train_seconds": StepTimer.seconds,
-      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print("RESULT_JSON " + json.dumps({"tokens": tokens, "train_seconds": StepTimer.seconds, "peak_mb": peak}))
 """
 
 OURS_CHILD = r"""
@@ -96,10 +109,11 @@ from sp2dpo.train.trainer import TrainConfig, train
 a = json.loads(sys.argv[1])
 cfg = TrainConfig(artifact=a["artifact"], pairs=a["pairs"], model=a["model"], output_dir=a["out"], strategy="torch",
                   max_length=512, micro_batch_size=2, max_steps=a["steps"], learning_rate=1e-6, checkpoint_every=10**6,
-                  tensorboard=False, compute_reference=False)
+                  tensorboard=False, compute_reference=False, use_gpu=a["device"] == "cuda", gradient_checkpointing=True,
+                  **a["extra"])
 s = train(cfg, show_progress=False)
 print("RESULT_JSON " + json.dumps({"tokens": s["tokens"], "train_seconds": s["train_seconds"],
-      "peak_rss_mb": s["peak_rss_mb_rank0"]}))
+      "peak_mb": s["peak_cuda_mb_rank0"] if cfg.use_gpu else s["peak_rss_mb_rank0"]}))
 """
 
 
@@ -118,7 +132,12 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=24)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--max-chars", type=int, default=400)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     args = parser.parse_args()
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    memory = "peak CUDA allocated" if device == "cuda" else "peak RSS"
 
     from sp2dpo.models import resolve_model
     from sp2dpo.train.reference import ReferenceConfig, compute_reference
@@ -131,18 +150,24 @@ def main() -> None:
         ref = compute_reference(ReferenceConfig(artifact=artifact, pairs=pairs, model=args.model, max_length=512),
                                 show_progress=False)
         print(f"reference pass (once per artifact): {ref['scored_pairs']} pairs in {time.perf_counter() - t0:.1f}s")
-        ratio, pp, gl = per_pair_overhead(args.model, pairs, ref["artifact"], args.steps)
+        ratio, pp, gl = per_pair_overhead(args.model, pairs, ref["artifact"], args.steps, device)
         print(f"step time, per-pair beta: median {pp:.3f}s; global beta: median {gl:.3f}s (ratio of minima {ratio:.4f})")
-        common = {"artifact": ref["artifact"], "pairs": pairs, "model": args.model, "steps": args.steps}
+        common = {"artifact": ref["artifact"], "pairs": pairs, "model": args.model, "steps": args.steps, "device": device}
         trl = run_child(TRL_CHILD, {**common, "out": str(Path(tmp) / "trl")})
-        ours = run_child(OURS_CHILD, {**common, "out": str(Path(tmp) / "ours")})
+        ours = run_child(OURS_CHILD, {**common, "out": str(Path(tmp) / "ours"), "extra": {}})
+        lean = run_child(OURS_CHILD, {**common, "out": str(Path(tmp) / "lean"),
+                                      "extra": {"optimizer_in_backward": True, "max_grad_norm": 0.0}})
     trl_tps = trl["tokens"] / trl["train_seconds"]
     our_tps = ours["tokens"] / ours["train_seconds"]
-    print(f"stock TRL DPOTrainer (reference in the loop): {trl_tps:.1f} tokens/s, peak RSS {trl['peak_rss_mb']:.0f} MB")
-    print(f"sp2dpo trainer (offline reference):            {our_tps:.1f} tokens/s, peak RSS {ours['peak_rss_mb']:.0f} MB")
+    lean_tps = lean["tokens"] / lean["train_seconds"]
+    print(f"device {device}; memory is {memory}")
+    print(f"stock TRL DPOTrainer (reference in the loop):       {trl_tps:8.1f} tokens/s, {trl['peak_mb']:7.0f} MB")
+    print(f"sp2dpo, offline reference, TRL's settings:           {our_tps:8.1f} tokens/s, {ours['peak_mb']:7.0f} MB")
+    print(f"sp2dpo, offline reference, optimizer_in_backward:    {lean_tps:8.1f} tokens/s, {lean['peak_mb']:7.0f} MB")
     print(f"RESULT per_pair_overhead {ratio:.4f}")
     print(f"RESULT speedup_vs_trl {our_tps / trl_tps:.3f}")
-    print(f"RESULT memory_vs_trl {ours['peak_rss_mb'] / trl['peak_rss_mb']:.3f}")
+    print(f"RESULT memory_vs_trl_same_settings {ours['peak_mb'] / trl['peak_mb']:.3f}")
+    print(f"RESULT memory_vs_trl {lean['peak_mb'] / trl['peak_mb']:.3f}")
 
 
 if __name__ == "__main__":

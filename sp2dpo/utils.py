@@ -86,6 +86,14 @@ def progress_bar(total: int | None, description: str, disable: bool = False) -> 
         bar.close()
 
 
+def quiet_ray_worker() -> None:
+    """Worker setup hook of a dashboard-less local Ray: silence the state-API warnings of Ray
+    Train's placement-group cleaner (it still cleans up; only its polling cannot report)."""
+    import logging
+
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+
+
 def init_ray(address: str | None = None, **kwargs: Any) -> None:
     """Connect to the cluster in RAY_ADDRESS / `address`, or start a local one. Idempotent.
 
@@ -100,8 +108,13 @@ def init_ray(address: str | None = None, **kwargs: Any) -> None:
     kwargs.setdefault("include_dashboard", False)
     kwargs.setdefault("configure_logging", True)
     kwargs.setdefault("logging_level", "WARNING")
+    local = not (address or os.environ.get("RAY_ADDRESS"))
+    if local and not kwargs["include_dashboard"]:
+        # No dashboard means no state API, and Ray Train's placement-group cleaner then warns every
+        # few seconds that it cannot query it: a wall of noise over the progress bars.
+        kwargs.setdefault("runtime_env", {"worker_process_setup_hook": "sp2dpo.utils.quiet_ray_worker"})
     store_mb = os.environ.get("SP2DPO_RAY_OBJECT_STORE_MB")
-    if store_mb and not (address or os.environ.get("RAY_ADDRESS")):
+    if store_mb and local:
         # Cap the object store of a local instance (tests, small laptops); Ray Data spills beyond.
         kwargs.setdefault("object_store_memory", int(store_mb) << 20)
     ray.init(address=address or os.environ.get("RAY_ADDRESS"), **kwargs)

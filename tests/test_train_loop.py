@@ -116,6 +116,85 @@ def test_config_refuses_bf16_on_cpu():
     assert TrainConfig(dtype="bfloat16", use_gpu=True).dtype == "bfloat16"
 
 
+def _strategy_steps(tiny_model_dir, ref_artifact, pairs, cfg, steps, start=0, checkpoint_in=None, checkpoint_out=None):
+    """Plain-torch strategy over `steps` fixed batches (no Ray): the weights it ends with."""
+    from sp2dpo.train.data import PerPairCollator, load_training_table, tokenize_table
+    from sp2dpo.train.reference import load_causal_lm
+    from sp2dpo.train.strategy import TorchStrategy
+    from sp2dpo.train.trainer import batch_loss
+
+    model, tok = load_causal_lm(str(tiny_model_dir))
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.train()
+    table, _ = load_training_table(ref_artifact, pairs, require_ref=True)
+    examples = tokenize_table(table, tok, 256)
+    collate = PerPairCollator(tok.pad_token_id, max_length=256)
+    strategy = TorchStrategy(cfg, 1, 0, torch.device("cpu"))
+    strategy.prepare(model)
+    if checkpoint_in:
+        strategy.load_checkpoint(checkpoint_in)
+    grads_after_backward = []
+    for i in range(start, start + steps):
+        batch = collate(examples[(2 * i) % 8: (2 * i) % 8 + 2])
+        strategy.backward(batch_loss(strategy.model, batch, cfg).losses.mean())
+        grads_after_backward.append(sum(p.grad is not None for p in model.parameters()))
+        strategy.step()
+    if checkpoint_out:
+        strategy.save_checkpoint(checkpoint_out)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, grads_after_backward, strategy
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_optimizer_in_backward_equals_plain_adamw_and_holds_no_gradients(sample_with_ref, tiny_model_dir, tmp_path,
+                                                                         checkpointing):
+    """AdamW fused into backward takes the same steps as plain AdamW (clipping off in both), the
+    warmup schedule included, yet after each backward no parameter holds a gradient. With
+    gradient checkpointing too: a recomputed layer runs before any of its weights is updated."""
+    _, pairs, _, ref_artifact = sample_with_ref
+    common = dict(max_grad_norm=0.0, warmup_steps=2, weight_decay=0.01, gradient_checkpointing=checkpointing)
+    plain_cfg = _cfg(tiny_model_dir, pairs, ref_artifact, tmp_path, **common)
+    fused_cfg = _cfg(tiny_model_dir, pairs, ref_artifact, tmp_path, optimizer_in_backward=True, **common)
+    plain, plain_grads, plain_strategy = _strategy_steps(tiny_model_dir, ref_artifact, pairs, plain_cfg, 4)
+    fused, fused_grads, fused_strategy = _strategy_steps(tiny_model_dir, ref_artifact, pairs, fused_cfg, 4)
+    start, _, _ = _strategy_steps(tiny_model_dir, ref_artifact, pairs, plain_cfg, 0)
+    assert plain_grads[0] > 0 and fused_grads == [0, 0, 0, 0]
+    assert fused_strategy.optimizer.param_groups[0]["lr"] == plain_strategy.optimizer.param_groups[0]["lr"]
+    for name in plain:
+        assert not torch.equal(plain[name], start[name]), name  # every tensor really moved
+        torch.testing.assert_close(fused[name], plain[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_optimizer_in_backward_resumes_from_its_checkpoint(sample_with_ref, tiny_model_dir, tmp_path):
+    _, pairs, _, ref_artifact = sample_with_ref
+    cfg = _cfg(tiny_model_dir, pairs, ref_artifact, tmp_path, optimizer_in_backward=True, max_grad_norm=0.0,
+               warmup_steps=3)
+    straight, _, _ = _strategy_steps(tiny_model_dir, ref_artifact, pairs, cfg, 4)
+    _strategy_steps(tiny_model_dir, ref_artifact, pairs, cfg, 2, checkpoint_out=str(tmp_path))
+    resumed, _, strategy = _strategy_steps(tiny_model_dir, ref_artifact, pairs, cfg, 2, start=2,
+                                           checkpoint_in=str(tmp_path))
+    assert strategy.optimizer.steps == 4
+    for name in straight:
+        torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("setting, needs", [
+    ({"strategy": "deepspeed"}, "strategy=torch"),
+    ({"num_workers": 2}, "num_workers=1"),
+    ({"gradient_accumulation_steps": 4}, "gradient_accumulation_steps=1"),
+    ({"max_grad_norm": 1.0}, "max_grad_norm=0"),
+])
+def test_optimizer_in_backward_refuses_what_needs_every_gradient(setting, needs):
+    from pydantic import ValidationError
+
+    from sp2dpo.train.trainer import TrainConfig
+
+    ok = {"strategy": "torch", "max_grad_norm": 0.0}
+    assert TrainConfig(optimizer_in_backward=True, **ok).optimizer_in_backward
+    with pytest.raises(ValidationError, match=needs):
+        TrainConfig(optimizer_in_backward=True, **{**ok, **setting})
+
+
 def test_deepspeed_config_from_yaml_values():
     from sp2dpo.train.strategy import deepspeed_config
     from sp2dpo.train.trainer import TrainConfig

@@ -123,7 +123,8 @@ def run_evaluate(config: PipelineConfig, sd: StageDir) -> dict[str, Any]:
     run = load_object("sp2dpo.evaluate.run")
     score_annotations = load_object("sp2dpo.evaluate.score:score_annotations")
 
-    serve_cfg = serve.ServeConfig.model_validate({**sd.params["serve"], "models": served_models(config, sd)})
+    serve_cfg = serve.ServeConfig.model_validate({"access_log": False, **sd.params["serve"],
+                                                  "models": served_models(config, sd)})
     base_url = serve.start_server(serve_cfg)
     runs = (["base"] if config.evaluate_base else []) + list(config.controls)
     summary: dict[str, Any] = {"endpoint": base_url}

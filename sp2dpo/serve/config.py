@@ -91,6 +91,9 @@ class ServeConfig(StageConfig):
     app_name: str = "sp2dpo"
     route_prefix: str = "/"
     ingress_replicas: int = Field(1, ge=1)
+    # One log line per request from every replica (Ray Serve's access log); the pipeline's
+    # evaluate stage turns it off so its progress bars stay readable.
+    access_log: bool = True
     # Seconds start_server waits for every replica to load and /health to answer.
     startup_timeout_s: float = Field(600.0, gt=0)
 

@@ -81,7 +81,8 @@ def start_server(cfg: ServeConfig, api_key: str | None = None) -> str:
     _STATE.update(app=cfg.app_name, started_ray=started_ray or _STATE.get("started_ray", False),
                   started_serve=started_serve or _STATE.get("started_serve", False))
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    serve.run(build_app(cfg, key), name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=False)
+    serve.run(build_app(cfg, key), name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=False,
+              logging_config={"enable_access_log": cfg.access_log})
     url = base_url(cfg)
     health = url[: -len("/v1")] + "/health"
     deadline = time.monotonic() + cfg.startup_timeout_s

@@ -7,7 +7,9 @@ reads like single-process PyTorch; the strategy hides DeepSpeed (or plain DDP).
                into the generated config.
     torch      plain AdamW (+ DDP when there are several workers): no DeepSpeed at all. DeepSpeed on
                CPU JIT-compiles its shared-memory communication op on first use (minutes, once per
-               machine), so the quick tests and laptops default to this.
+               machine), so the quick tests and laptops default to this. With
+               `optimizer_in_backward` (one worker) each parameter's AdamW step runs inside the
+               backward pass and its gradient is freed at once (`InBackwardAdamW`).
 
 Both load and save the same things: model weights, optimizer and scheduler state, so a run
 resumed from a checkpoint continues exactly where it stopped.
@@ -57,6 +59,58 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+class InBackwardAdamW:
+    """AdamW fused into the backward pass: one AdamW per parameter, stepped from that parameter's
+    post-accumulate-grad hook, which then frees the gradient. No full set of gradients ever exists,
+    so the peak holds one gradient-sized buffer less (the technique of torchtune's
+    `optimizer_in_bwd` and PyTorch's "fuse the optimizer step into backward" recipe).
+
+    The update equals a plain AdamW step on the same gradients, because every hook fires after
+    its parameter's gradient is complete and autograd no longer reads that parameter (an in-place
+    change to a tensor backward still needs would raise a version-counter error). What cannot
+    work is anything needing all gradients at once: a global-norm clip, accumulation over
+    micro-batches, DDP's bucketed all-reduce; TrainConfig refuses those combinations.
+
+    The learning-rate schedule is `warmup_lambda` applied to every per-parameter optimizer, as
+    `LambdaLR` would; `param_groups` exposes the first one's groups for logging."""
+
+    def __init__(self, model: torch.nn.Module, lr: float, weight_decay: float, warmup_steps: int):
+        self.base_lr, self.schedule, self.steps = lr, warmup_lambda(warmup_steps), 0
+        self.optimizers = {name: torch.optim.AdamW([p], lr=lr * self.schedule(0), weight_decay=weight_decay, fused=True)
+                           for name, p in model.named_parameters() if p.requires_grad}
+        self._handles = [p.register_post_accumulate_grad_hook(self._hook(name))
+                         for name, p in model.named_parameters() if p.requires_grad]
+
+    def _hook(self, name: str):
+        def step_and_free(param: torch.Tensor) -> None:
+            optimizer = self.optimizers[name]
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        return step_and_free
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return next(iter(self.optimizers.values())).param_groups
+
+    def advance(self) -> None:
+        """One optimizer step done (the updates already happened in backward): move the schedule."""
+        self.steps += 1
+        lr = self.base_lr * self.schedule(self.steps)
+        for optimizer in self.optimizers.values():
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps, "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name, optimizer in self.optimizers.items():
+            optimizer.load_state_dict(state["optimizers"][name])
+        self.steps = state["steps"] - 1
+        self.advance()
+
+
 class TorchStrategy:
     def __init__(self, cfg: Any, world_size: int, rank: int, device: torch.device):
         self.cfg, self.world_size, self.rank, self.device = cfg, world_size, rank, device
@@ -65,6 +119,11 @@ class TorchStrategy:
     def prepare(self, model: torch.nn.Module) -> None:
         model.to(self.device)
         self.module = model
+        if getattr(self.cfg, "optimizer_in_backward", False):
+            self.optimizer = InBackwardAdamW(model, self.cfg.learning_rate, self.cfg.weight_decay, self.cfg.warmup_steps)
+            self.scheduler = None
+            self.model = model  # one worker (TrainConfig checks): no DDP
+            return
         # Fused AdamW (the HF Trainer default): no param-sized temporaries, so a lower peak.
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=self.cfg.learning_rate,
                                            weight_decay=self.cfg.weight_decay, fused=True)
@@ -80,6 +139,9 @@ class TorchStrategy:
         (loss / self.cfg.gradient_accumulation_steps).backward()
 
     def step(self) -> None:
+        if self.scheduler is None:  # InBackwardAdamW stepped every parameter during backward
+            self.optimizer.advance()
+            return
         self._micro += 1
         if self._micro % self.cfg.gradient_accumulation_steps:
             return
@@ -92,13 +154,15 @@ class TorchStrategy:
     def save_checkpoint(self, directory: str) -> None:
         if self.rank == 0:
             torch.save({"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
-                        "scheduler": self.scheduler.state_dict()}, os.path.join(directory, "torch_state.pt"))
+                        "scheduler": self.scheduler.state_dict() if self.scheduler else None},
+                       os.path.join(directory, "torch_state.pt"))
 
     def load_checkpoint(self, directory: str) -> None:
         state = torch.load(os.path.join(directory, "torch_state.pt"), map_location=self.device, weights_only=True)
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scheduler:
+            self.scheduler.load_state_dict(state["scheduler"])
 
     def save_hf(self, directory: str, tokenizer: Any) -> None:
         if self.rank == 0:

@@ -87,7 +87,8 @@ class TrainConfig(StageConfig):
     learning_rate: float = Field(1e-6, gt=0)
     weight_decay: float = 0.0
     warmup_steps: int = Field(0, ge=0)
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 1.0  # 0 turns clipping off
+    optimizer_in_backward: bool = False  # torch, 1 worker, no clipping/accumulation: one gradient buffer less
     micro_batch_size: int = Field(2, ge=1)  # pairs per worker per forward
     gradient_accumulation_steps: int = Field(1, ge=1)
     epochs: int = Field(1, ge=1)
@@ -111,6 +112,22 @@ class TrainConfig(StageConfig):
         if not self.use_gpu and self.dtype != "float32":
             raise ValueError(f"dtype={self.dtype} needs use_gpu=true: on CPU train in float32 (bf16 on CPU is "
                              "slow and DeepSpeed's CPU path does not support it)")
+        return self
+
+    @model_validator(mode="after")
+    def _in_backward_limits(self) -> "TrainConfig":
+        if not self.optimizer_in_backward:
+            return self
+        # Each parameter is updated the moment its gradient is ready, so nothing that needs every
+        # gradient at once can run: say which setting to change instead of training differently.
+        problems = [msg for bad, msg in (
+            (self.strategy != "torch", "strategy=torch (DeepSpeed runs its own optimizer step)"),
+            (self.num_workers != 1, "num_workers=1 (DDP all-reduces gradients in buckets after backward)"),
+            (self.gradient_accumulation_steps != 1, "gradient_accumulation_steps=1 (nothing is accumulated)"),
+            (bool(self.max_grad_norm), "max_grad_norm=0 (a global-norm clip needs every gradient at once)"),
+        ) if bad]
+        if problems:
+            raise ValueError("optimizer_in_backward=true needs " + "; ".join(problems))
         return self
 
     def reference_id(self) -> str:
@@ -166,15 +183,22 @@ class MetricSums:
         self.total = torch.zeros(len(self.FIELDS), dtype=torch.float64)
         self.by_category = torch.zeros(n_categories, 3, dtype=torch.float64)  # pairs, margin, accuracy
 
-    def add(self, out: Any, beta: Any, category_ids: list[int], tokens: int) -> None:
+    def add(self, out: Any, beta: Any, category_ids: list[int], attention_mask: Any) -> None:
         import torch
 
-        losses, margins, acc = out.losses.detach().double().cpu(), out.margins.double().cpu(), out.accuracies.double().cpu()
-        self.total += torch.tensor([len(category_ids), losses.sum(), margins.sum(), acc.sum(),
-                                    out.chosen_rewards.double().sum().cpu(), out.rejected_rewards.double().sum().cpu(),
-                                    beta.double().sum().cpu(), tokens], dtype=torch.float64)
-        for k, c in enumerate(category_ids):
-            self.by_category[c] += torch.tensor([1.0, margins[k], acc[k]], dtype=torch.float64)
+        # One device→host copy per micro-batch: on a GPU each .cpu() is a sync that stalls the step.
+        n = len(category_ids)
+        beta = beta if torch.is_tensor(beta) else torch.full((n,), float(beta))
+        per_pair = torch.stack([out.losses.detach(), out.margins.detach(), out.accuracies.detach(),
+                                out.chosen_rewards.detach(), out.rejected_rewards.detach(),
+                                beta.to(out.losses.device, out.losses.dtype)]).double()
+        host = torch.cat([per_pair.flatten(), attention_mask.sum().double().view(1)]).cpu()
+        per_pair, tokens = host[:-1].view(6, n), host[-1]
+        losses, margins, acc, chosen, rejected, betas = per_pair
+        self.total += torch.stack([torch.tensor(float(n), dtype=torch.float64), losses.sum(), margins.sum(), acc.sum(),
+                                   chosen.sum(), rejected.sum(), betas.sum(), tokens])
+        index = torch.tensor(category_ids)
+        self.by_category.index_add_(0, index, torch.stack([torch.ones(n, dtype=torch.float64), margins, acc], dim=1))
 
     def reduce(self) -> None:
         import torch
@@ -253,15 +277,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         while state["step"] < plan.total_steps:
             step = state["step"]
             _maybe_fail(cfg, step, rank)
+            # The step's micro-batches are collated first (a dataloader's job); the clock times the compute.
+            micro_batches = [(idx, collate([examples[i] for i in idx]))
+                             for idx in (plan.indices(step, micro, rank) for micro in range(cfg.gradient_accumulation_steps))]
             t0 = time.perf_counter()
             step_sums = MetricSums(len(categories))
-            for micro in range(cfg.gradient_accumulation_steps):
-                idx = plan.indices(step, micro, rank)
-                batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx]).items()}
+            for idx, cpu_batch in micro_batches:
+                batch = {k: v.to(device, non_blocking=True) for k, v in cpu_batch.items()}
                 out = batch_loss(strategy.model, batch, cfg)
                 strategy.backward(out.losses.mean())
                 strategy.step()
-                step_sums.add(out, batch["beta"], [category_ids[i] for i in idx], int(batch["attention_mask"].sum()))
+                step_sums.add(out, batch["beta"], [category_ids[i] for i in idx], batch["attention_mask"])
             step_sums.reduce()
             seconds = time.perf_counter() - t0
             state["train_seconds"] += seconds
@@ -346,9 +372,16 @@ def _summary(cfg: TrainConfig, state: dict, run: MetricSums, categories: tuple[s
         "tokens_per_s": round(t["tokens"] / max(state["train_seconds"], 1e-9), 2),
         "resumed_from_steps": state["resumed_from"],
         "peak_rss_mb_rank0": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_cuda_mb_rank0": _peak_cuda_mb() if cfg.use_gpu else None,
         "model_dir": f"{cfg.output_dir.rstrip('/')}/model",
         "config_hash": cfg.config_hash(),
     }
+
+
+def _peak_cuda_mb() -> float:
+    import torch
+
+    return round(torch.cuda.max_memory_allocated() / 2**20, 1)
 
 
 def _write_outputs(directory: str, summary: dict, history: list[dict]) -> None:
