@@ -121,7 +121,8 @@ def test_demo_pipeline_job_on_two_nodes_writes_every_stage(local_cluster, tmp_pa
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     overrides = [f"run_dir={tmp_path / 'run'}", "data.limit=6", "data.max_tokens=200", "teachers=[{teacher: ratings}]",
-                 "train.max_length=256", "train.resources_per_worker={CPU: 1}", "evaluate.limit=2", "evaluate.max_tokens=16", f"serve.port={port}"]
+                 "train.max_length=256", "train.resources_per_worker={CPU: 1}", "evaluate_base=true",
+                 "evaluate.limit=2", "evaluate.max_tokens=16", f"serve.port={port}"]
     command = ["python", "jobs/pipeline.py", "--config", "demo", "--json"]
     for item in overrides:
         command += ["--set", item]
