@@ -1,13 +1,15 @@
 """Training cost of per-pair β, and our trainer against stock TRL, on the same model, data, machine.
 
     python benchmarks/bench_train.py [--model smollm2] [--pairs 24] [--steps 6] [--device cpu|cuda]
+                                     [--no-gradient-checkpointing]
 
 1. per_pair_overhead: step time of our loop with a [B] β tensor vs one global β, alternating on
    the same batches in one process (goal ≤ 1.01: β_i costs one [B] multiply).
 2. speedup_vs_trl / memory_vs_trl: our trainer (`sp2dpo train`, one Ray Train worker, offline
    reference log-probs, no reference model) vs stock TRL `DPOTrainer` computing reference
    log-probs in the loop — same model, pairs, batch size, max_length, fp32, fused AdamW, gradient
-   checkpointing on (TRL's DPOConfig default: without it activations dominate both peaks). Each runs in its own process; tokens/s is the attention-masked tokens over the
+   checkpointing on (TRL's DPOConfig default; `--no-gradient-checkpointing` turns it off on both
+   sides). Each runs in its own process; tokens/s is the attention-masked tokens over the
    summed optimizer-step time, peak memory is that process's peak RSS (`ru_maxrss`) on CPU and
    `torch.cuda.max_memory_allocated` on a GPU, so the runs never share a peak. The one-off
    reference pass is timed and printed separately.
@@ -94,7 +96,7 @@ class StepTimer(TrainerCallback):
 cuda = a["device"] == "cuda"
 args = DPOConfig(output_dir=a["out"], use_cpu=not cuda, bf16=False, beta=0.1, per_device_train_batch_size=2,
                  max_length=512, max_steps=a["steps"], learning_rate=1e-6,
-                 gradient_checkpointing=True, report_to=[], save_strategy="no", logging_steps=1,
+                 gradient_checkpointing=a["checkpointing"], report_to=[], save_strategy="no", logging_steps=1,
                  dataloader_num_workers=0, seed=0)
 trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
                      ref_model=AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
@@ -112,7 +114,7 @@ from sp2dpo.train.trainer import TrainConfig, train
 a = json.loads(sys.argv[1])
 cfg = TrainConfig(artifact=a["artifact"], pairs=a["pairs"], model=a["model"], output_dir=a["out"], strategy="torch",
                   max_length=512, micro_batch_size=2, max_steps=a["steps"], learning_rate=1e-6, checkpoint_every=10**6,
-                  tensorboard=False, compute_reference=False, use_gpu=a["device"] == "cuda", gradient_checkpointing=True,
+                  tensorboard=False, compute_reference=False, use_gpu=a["device"] == "cuda", gradient_checkpointing=a["checkpointing"],
                   **a["extra"])
 s = train(cfg, show_progress=False)
 print("RESULT_JSON " + json.dumps({"tokens": s["tokens"], "train_seconds": s["train_seconds"],
@@ -136,6 +138,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--max-chars", type=int, default=400)
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+    parser.add_argument("--no-gradient-checkpointing", dest="checkpointing", action="store_false",
+                        help="both trainers keep every activation (TRL's default is to recompute them)")
     args = parser.parse_args()
     import torch
 
@@ -155,7 +159,8 @@ def main() -> None:
         print(f"reference pass (once per artifact): {ref['scored_pairs']} pairs in {time.perf_counter() - t0:.1f}s")
         ratio, pp, gl = per_pair_overhead(args.model, pairs, ref["artifact"], args.steps, device)
         print(f"step time, per-pair beta: median {pp:.3f}s; global beta: median {gl:.3f}s (ratio of minima {ratio:.4f})")
-        common = {"artifact": ref["artifact"], "pairs": pairs, "model": args.model, "steps": args.steps, "device": device}
+        common = {"artifact": ref["artifact"], "pairs": pairs, "model": args.model, "steps": args.steps, "device": device,
+                  "checkpointing": args.checkpointing}
         trl = run_child(TRL_CHILD, {**common, "out": str(Path(tmp) / "trl")})
         cores = {} if device == "cuda" else {"resources_per_worker": {"CPU": os.cpu_count()}}
         ours = run_child(OURS_CHILD, {**common, "out": str(Path(tmp) / "ours"), "extra": cores})
@@ -164,7 +169,7 @@ def main() -> None:
     trl_tps = trl["tokens"] / trl["train_seconds"]
     our_tps = ours["tokens"] / ours["train_seconds"]
     lean_tps = lean["tokens"] / lean["train_seconds"]
-    print(f"device {device}; memory is {memory}")
+    print(f"device {device}; memory is {memory}; gradient checkpointing {'on' if args.checkpointing else 'off'}")
     print(f"stock TRL DPOTrainer (reference in the loop):       {trl_tps:8.1f} tokens/s, {trl['peak_mb']:7.0f} MB")
     print(f"sp2dpo, offline reference, TRL's settings:           {our_tps:8.1f} tokens/s, {ours['peak_mb']:7.0f} MB")
     print(f"sp2dpo, offline reference, optimizer_in_backward:    {lean_tps:8.1f} tokens/s, {lean['peak_mb']:7.0f} MB")
