@@ -127,6 +127,21 @@ def test_generate_bounded_concurrency_retries_and_resume(tmp_path):
     assert victim in outputs[4]["output"]
 
 
+def test_generate_closes_its_client_on_the_loop_it_ran_on(tmp_path, monkeypatch):
+    """A client left open is closed later by garbage collection, on whatever loop runs then (the
+    next stage's), which fails with "Event loop is closed": generate closes it itself."""
+    import sp2dpo.evaluate.run as run
+
+    made = []
+    make = run._client
+    monkeypatch.setattr(run, "_client", lambda *a: made.append(make(*a)) or made[-1])
+    cfg = EvaluateConfig(model="student", out=str(tmp_path), limit=2)
+    with ScriptedServer() as srv:
+        cfg.endpoint = srv.url
+        generate(cfg, show_progress=False)
+    assert len(made) == 1 and made[0].is_closed()
+
+
 def test_judge_unswitches_order_and_labels_non_leaderboard_judge(tmp_path):
     rows = load_eval_set()[:16]
     outputs = [{"instruction": r["instruction"], "output": f"short answer {i}", "generator": "student",

@@ -48,9 +48,11 @@ def _read_partial(path: Path) -> dict[str, dict]:
 
 
 def _run_all(todo: list[Any], call: Callable[[Any], Awaitable[dict]], partial: Path, cfg: EvaluateConfig,
-             description: str, show_progress: bool) -> list[str]:
+             description: str, show_progress: bool, client: Any) -> list[str]:
     """Run `call` on every item with at most cfg.concurrency in flight; append each result to
-    `partial` as it lands. Returns the error messages of the requests that still failed."""
+    `partial` as it lands. Returns the error messages of the requests that still failed.
+    `client` is closed on the loop it ran on: closed later, its connections would be torn down
+    on a dead loop ("Event loop is closed")."""
     from sp2dpo.utils import progress_bar
 
     errors: list[str] = []
@@ -69,7 +71,10 @@ def _run_all(todo: list[Any], call: Callable[[Any], Awaitable[dict]], partial: P
                         sink.flush()
                     bar.update(1)
 
-            await asyncio.gather(*(one(item) for item in todo))
+            try:
+                await asyncio.gather(*(one(item) for item in todo))
+            finally:
+                await client.close()
 
     asyncio.run(main())
     return errors
@@ -111,7 +116,7 @@ def generate(cfg: EvaluateConfig, show_progress: bool = True) -> dict[str, Any]:
         return {"instruction": row["instruction"], "output": text, "generator": generator, "dataset": row.get("dataset")}
 
     t0 = time.perf_counter()
-    errors = _run_all(todo, call, partial, cfg, f"generate {generator}", show_progress)
+    errors = _run_all(todo, call, partial, cfg, f"generate {generator}", show_progress, client)
     seconds = time.perf_counter() - t0
     done = _read_partial(partial)
     if errors:
@@ -188,7 +193,7 @@ def judge(cfg: EvaluateConfig, model_outputs: str, show_progress: bool = True) -
                 "is_switched_outputs": switched, "seed": cfg.seed, "raw_completion": completion}
 
     t0 = time.perf_counter()
-    errors = _run_all(todo, call, partial, cfg, f"judge {judge_model}", show_progress)
+    errors = _run_all(todo, call, partial, cfg, f"judge {judge_model}", show_progress, client)
     seconds = time.perf_counter() - t0
     cached = _read_partial(partial)
     if errors:
