@@ -76,10 +76,12 @@ class InBackwardAdamW:
 
     def __init__(self, model: torch.nn.Module, lr: float, weight_decay: float, warmup_steps: int):
         self.base_lr, self.schedule, self.steps = lr, warmup_lambda(warmup_steps), 0
-        self.optimizers = {name: torch.optim.AdamW([p], lr=lr * self.schedule(0), weight_decay=weight_decay, fused=True)
-                           for name, p in model.named_parameters() if p.requires_grad}
-        self._handles = [p.register_post_accumulate_grad_hook(self._hook(name))
-                         for name, p in model.named_parameters() if p.requires_grad]
+        self.optimizers: dict[str, torch.optim.AdamW] = {}
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                self.optimizers[name] = torch.optim.AdamW([p], lr=lr * self.schedule(0), weight_decay=weight_decay,
+                                                          fused=True)
+                p.register_post_accumulate_grad_hook(self._hook(name))
 
     def _hook(self, name: str):
         def step_and_free(param: torch.Tensor) -> None:
@@ -119,7 +121,7 @@ class TorchStrategy:
     def prepare(self, model: torch.nn.Module) -> None:
         model.to(self.device)
         self.module = model
-        if getattr(self.cfg, "optimizer_in_backward", False):
+        if self.cfg.optimizer_in_backward:
             self.optimizer = InBackwardAdamW(model, self.cfg.learning_rate, self.cfg.weight_decay, self.cfg.warmup_steps)
             self.scheduler = None
             self.model = model  # one worker (TrainConfig checks): no DDP
@@ -139,7 +141,7 @@ class TorchStrategy:
         (loss / self.cfg.gradient_accumulation_steps).backward()
 
     def step(self) -> None:
-        if self.scheduler is None:  # InBackwardAdamW stepped every parameter during backward
+        if isinstance(self.optimizer, InBackwardAdamW):  # every parameter already stepped in backward
             self.optimizer.advance()
             return
         self._micro += 1

@@ -188,7 +188,6 @@ class MetricSums:
 
         # One device→host copy per micro-batch: on a GPU each .cpu() is a sync that stalls the step.
         n = len(category_ids)
-        beta = beta if torch.is_tensor(beta) else torch.full((n,), float(beta))
         per_pair = torch.stack([out.losses.detach(), out.margins.detach(), out.accuracies.detach(),
                                 out.chosen_rewards.detach(), out.rejected_rewards.detach(),
                                 beta.to(out.losses.device, out.losses.dtype)]).double()
