@@ -95,20 +95,26 @@ class PerPairCollator:
                                                         truncation_mode=truncation_mode)
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        import torch
-
         # The inner collator sees only token columns: TRL's would also stack ref_*_logps, which we
         # do ourselves so a missing value is an error instead of a crash deep in torch.
         token_keys = ("prompt_ids", "chosen_ids", "rejected_ids")
         batch = dict(self.inner([{k: ex[k] for k in token_keys} for ex in examples]))
-        for key in PER_PAIR_KEYS:
-            if key in examples[0]:
-                values = [ex[key] for ex in examples]
-                if any(v is None for v in values):
-                    raise ValueError(f"a pair in this batch has no {key}")
-                dtype = torch.long if key == "index" else torch.float32
-                batch[key] = torch.tensor(values, dtype=dtype)
+        batch.update(per_pair_tensors(examples))
         return batch
+
+
+def per_pair_tensors(examples: list[dict[str, Any]]) -> dict[str, Any]:
+    """The per-pair columns present in the examples, as [B] tensors in pair order."""
+    import torch
+
+    out = {}
+    for key in PER_PAIR_KEYS:
+        if key in examples[0]:
+            values = [ex[key] for ex in examples]
+            if any(v is None for v in values):
+                raise ValueError(f"a pair in this batch has no {key}")
+            out[key] = torch.tensor(values, dtype=torch.long if key == "index" else torch.float32)
+    return out
 
 
 # ----------------------------------------------------------------------------- reference tag

@@ -12,8 +12,9 @@ pairs — and its `sp2dpo.*` metadata kept, plus `reference = {model_id, tokeniz
 chat_template_hash}`. Training refuses log-probs whose tag does not match its own reference.
 
 The sequences are the ones training sees: same chat template, same tokenization
-(`data.tokenize_pair`), same `max_length` truncation, and the same fused LM head from TRL that
-the training loop uses, so the stored values equal in-loop reference log-probs (tests check it).
+(`data.tokenize_pair`), same `max_length` truncation, and the same heads and batch layouts the
+training loop uses (TRL's fused LM head on two rows per pair, or `shared_prompt`'s one row), so
+the stored values equal in-loop reference log-probs (tests check it).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class ReferenceConfig(StageConfig):
     max_length: int | None = 1024  # must equal training's max_length (stored in the tag)
     batch_size: int = Field(8, ge=1)  # pairs per forward pass
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    shared_prompt: bool = True  # score both answers in one row, the prompt forwarded once (same values)
     engine: Literal["local", "ray"] = "local"
     num_workers: int = Field(1, ge=1)  # Ray Data scorer actors
     num_cpus: float = 1.0  # per actor
@@ -53,12 +55,14 @@ class ReferenceConfig(StageConfig):
 
 
 def load_causal_lm(model_id: str, dtype: str = "float32", device: str | None = None) -> tuple[Any, Any]:
-    """Model and tokenizer from a local path or a bundled name, with TRL's fused LM head added."""
+    """Model and tokenizer from a local path or a bundled name, with TRL's fused LM head and the
+    shared-prompt answer scorer added (both only add keyword arguments to `forward`)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl.trainer.utils import add_fused_lm_head
 
     from sp2dpo.models import resolve_model
+    from sp2dpo.train.shared_prompt import add_answer_scoring
 
     path = resolve_model(model_id)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -68,6 +72,7 @@ def load_causal_lm(model_id: str, dtype: str = "float32", device: str | None = N
     if device:
         model.to(device)
     add_fused_lm_head(model)
+    add_answer_scoring(model)
     return model, tokenizer
 
 
@@ -86,10 +91,12 @@ def sequence_logps(model: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
 class ReferenceScorer:
     """Ray Data UDF (and the local engine's scorer): training rows → reference log-probs."""
 
-    def __init__(self, model: str, max_length: int | None, dtype: str = "float32", batch_size: int = 8):
+    def __init__(self, model: str, max_length: int | None, dtype: str = "float32", batch_size: int = 8,
+                 shared_prompt: bool = True):
         import torch
 
         from sp2dpo.train.data import PerPairCollator
+        from sp2dpo.train.shared_prompt import SharedPromptCollator
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model, self.tokenizer = load_causal_lm(model, dtype, device)
@@ -97,12 +104,14 @@ class ReferenceScorer:
         self.device = device
         self.max_length = max_length
         self.batch_size = batch_size
-        self.collate = PerPairCollator(self.tokenizer.pad_token_id, max_length=max_length)
+        collator = SharedPromptCollator if shared_prompt else PerPairCollator
+        self.collate = collator(self.tokenizer.pad_token_id, max_length=max_length)
 
     def __call__(self, rows: pa.Table) -> pa.Table:
         import torch
 
         from sp2dpo.train.data import tokenize_table
+        from sp2dpo.train.shared_prompt import shared_prompt_logps
 
         examples = tokenize_table(rows, self.tokenizer, self.max_length)
         chosen, rejected = [], []
@@ -110,7 +119,7 @@ class ReferenceScorer:
             for start in range(0, len(examples), self.batch_size):
                 batch = self.collate(examples[start: start + self.batch_size])
                 batch = {k: v.to(self.device) for k, v in batch.items()}
-                c, r = sequence_logps(self.model, batch)
+                c, r = (shared_prompt_logps if "segments" in batch else sequence_logps)(self.model, batch)
                 chosen += c.float().cpu().tolist()
                 rejected += r.float().cpu().tolist()
         return pa.table({"pair_id": rows["pair_id"], "ref_chosen_logps": pa.array(chosen, pa.float64()),
@@ -129,7 +138,7 @@ def compute_reference(cfg: ReferenceConfig, show_progress: bool = True) -> dict[
     if cfg.engine == "ray":
         scores = _score_with_ray(rows, cfg)
     else:
-        scorer = ReferenceScorer(cfg.model, cfg.max_length, cfg.dtype, cfg.batch_size)
+        scorer = ReferenceScorer(cfg.model, cfg.max_length, cfg.dtype, cfg.batch_size, cfg.shared_prompt)
         parts = []
         with progress_bar(rows.num_rows, "reference log-probs", disable=not show_progress) as bar:
             for start in range(0, rows.num_rows, cfg.batch_size):
@@ -175,7 +184,7 @@ def _score_with_ray(rows: pa.Table, cfg: ReferenceConfig) -> pa.Table:
     scored = ds.map_batches(
         ReferenceScorer,
         fn_constructor_kwargs={"model": cfg.model, "max_length": cfg.max_length, "dtype": cfg.dtype,
-                               "batch_size": cfg.batch_size},
+                               "batch_size": cfg.batch_size, "shared_prompt": cfg.shared_prompt},
         batch_size=cfg.batch_size * 4,
         batch_format="pyarrow",
         concurrency=cfg.num_workers,

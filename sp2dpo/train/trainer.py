@@ -5,7 +5,8 @@
 
 The loop (`train_loop_per_worker`) reads top to bottom like single-process PyTorch:
 
-    policy log-probs of chosen and rejected (TRL's fused LM head: no [2B, T, vocab] logits)
+    policy log-probs of chosen and rejected (`shared_prompt`: one row per pair, the prompt
+      forwarded once, only answer tokens through the LM head; or TRL's two rows and fused head)
     → dpo_loss with β_i and the *offline* reference log-probs of each pair (no reference model)
     → strategy.backward / strategy.step (DeepSpeed ZeRO-2/3, or plain AdamW/DDP)
     → metrics all-reduced across workers, overall and per semantic category
@@ -96,6 +97,7 @@ class TrainConfig(StageConfig):
     max_length: int | None = 1024  # tokens per prompt+answer (keep_start truncation, as TRL)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     gradient_checkpointing: bool = False
+    shared_prompt: bool = True  # one row per pair, the prompt's forward shared by both answers (exact)
     seed: int = 0
 
     # Logging and checkpoints
@@ -141,11 +143,31 @@ def batch_loss(model: Any, batch: dict[str, Any], cfg: TrainConfig) -> Any:
     """Per-pair DPO outputs for one collated batch, reading β and reference log-probs from it."""
     from sp2dpo.train.loss import dpo_loss
     from sp2dpo.train.reference import sequence_logps
+    from sp2dpo.train.shared_prompt import completion_lengths, shared_prompt_logps
 
-    chosen, rejected = sequence_logps(model, batch)
-    lengths = batch["completion_mask"].sum(dim=1).to(chosen.dtype).chunk(2) if cfg.loss_type == "ipo" else (None, None)
+    shared = "segments" in batch  # SharedPromptCollator's layout: one row per pair
+    chosen, rejected = shared_prompt_logps(model, batch) if shared else sequence_logps(model, batch)
+    lengths = (None, None)
+    if cfg.loss_type == "ipo":
+        lengths = completion_lengths(batch) if shared else batch["completion_mask"].sum(dim=1).chunk(2)
+        lengths = tuple(n.to(chosen.dtype) for n in lengths)
     return dpo_loss(chosen, rejected, batch["ref_chosen_logps"].to(chosen.dtype), batch["ref_rejected_logps"].to(chosen.dtype),
                     batch["beta"], cfg.loss_type, cfg.label_smoothing, lengths[0], lengths[1])
+
+
+def make_collator(cfg: TrainConfig, pad_token_id: int) -> Any:
+    """The batch layout the config asks for: one row per pair (`shared_prompt`) or TRL's two."""
+    from sp2dpo.train.data import PerPairCollator
+    from sp2dpo.train.shared_prompt import SharedPromptCollator
+
+    if cfg.shared_prompt:
+        return SharedPromptCollator(pad_token_id, max_length=cfg.max_length)
+    return PerPairCollator(pad_token_id, max_length=cfg.max_length)
+
+
+def batch_tokens(batch: dict[str, Any]) -> Any:
+    """Prompt+answer tokens of the pairs in a batch, counted as TRL's two-row batch holds them."""
+    return batch["num_tokens"] if "num_tokens" in batch else batch["attention_mask"].sum()
 
 
 class StepPlan:
@@ -183,7 +205,7 @@ class MetricSums:
         self.total = torch.zeros(len(self.FIELDS), dtype=torch.float64)
         self.by_category = torch.zeros(n_categories, 3, dtype=torch.float64)  # pairs, margin, accuracy
 
-    def add(self, out: Any, beta: Any, category_ids: list[int], attention_mask: Any) -> None:
+    def add(self, out: Any, beta: Any, category_ids: list[int], tokens: Any) -> None:
         import torch
 
         # One device→host copy per micro-batch: on a GPU each .cpu() is a sync that stalls the step.
@@ -191,7 +213,7 @@ class MetricSums:
         per_pair = torch.stack([out.losses.detach(), out.margins.detach(), out.accuracies.detach(),
                                 out.chosen_rewards.detach(), out.rejected_rewards.detach(),
                                 beta.to(out.losses.device, out.losses.dtype)]).double()
-        host = torch.cat([per_pair.flatten(), attention_mask.sum().double().view(1)]).cpu()
+        host = torch.cat([per_pair.flatten(), tokens.to(per_pair.device).double().view(1)]).cpu()
         per_pair, tokens = host[:-1].view(6, n), host[-1]
         losses, margins, acc, chosen, rejected, betas = per_pair
         self.total += torch.stack([torch.tensor(float(n), dtype=torch.float64), losses.sum(), margins.sum(), acc.sum(),
@@ -230,7 +252,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import torch
 
-    from sp2dpo.train.data import PerPairCollator, load_training_table, tokenize_table
+    from sp2dpo.train.data import load_training_table, tokenize_table
     from sp2dpo.train.reference import load_causal_lm
     from sp2dpo.train.strategy import make_strategy
     from sp2dpo.utils import progress_bar
@@ -251,7 +273,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     categories = category_slots()
     slot = {name: i for i, name in enumerate(categories)}
     category_ids = [slot.get(c, slot[OTHER]) for c in table["category"].to_pylist()]
-    collate = PerPairCollator(tokenizer.pad_token_id, max_length=cfg.max_length)
+    collate = make_collator(cfg, tokenizer.pad_token_id)
     plan = StepPlan(len(examples), cfg, world)
     strategy = make_strategy(cfg, world, rank, device)
     strategy.prepare(model)
@@ -286,7 +308,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 out = batch_loss(strategy.model, batch, cfg)
                 strategy.backward(out.losses.mean())
                 strategy.step()
-                step_sums.add(out, batch["beta"], [category_ids[i] for i in idx], batch["attention_mask"])
+                step_sums.add(out, batch["beta"], [category_ids[i] for i in idx], batch_tokens(batch))
             step_sums.reduce()
             seconds = time.perf_counter() - t0
             state["train_seconds"] += seconds
@@ -496,7 +518,8 @@ def prepare_artifact(cfg: TrainConfig, show_progress: bool = True) -> TrainConfi
         ref_cfg = ReferenceConfig(artifact=cfg.artifact, pairs=cfg.pairs, model=cfg.reference_id(),
                                   max_length=cfg.max_length, out=f"{cfg.output_dir.rstrip('/')}/beta_ref.parquet",
                                   engine="ray" if (cfg.num_workers > 1 or cfg.use_gpu) else "local",
-                                  num_workers=cfg.num_workers, num_gpus=1.0 if cfg.use_gpu else 0.0)
+                                  num_workers=cfg.num_workers, num_gpus=1.0 if cfg.use_gpu else 0.0,
+                                  shared_prompt=cfg.shared_prompt)
         cfg = cfg.model_copy(update={"artifact": compute_reference(ref_cfg, show_progress)["artifact"]})
         table, metadata = load_training_table(cfg.artifact, cfg.pairs)
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.reference_id()))
