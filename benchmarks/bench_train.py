@@ -1,16 +1,19 @@
 """Training cost of per-pair β, and our trainer against stock TRL, on the same model, data, machine.
 
-    python benchmarks/bench_train.py [--model smollm2] [--pairs 24] [--steps 6] [--device cpu|cuda]
-                                     [--no-gradient-checkpointing]
+    python benchmarks/bench_train.py [--model smollm2] [--pairs 48] [--steps 6] [--micro-batch-size 8]
+                                     [--device cpu|cuda] [--no-gradient-checkpointing] [--no-shared-prompt]
 
 1. per_pair_overhead: step time of our loop with a [B] β tensor vs one global β, alternating on
-   the same batches in one process (goal ≤ 1.01: β_i costs one [B] multiply).
+   the same batches in one process; the median over rounds of the paired ratio (goal ≤ 1.01:
+   β_i costs one [B] multiply).
 2. speedup_vs_trl / memory_vs_trl: our trainer (`sp2dpo train`, one Ray Train worker, offline
    reference log-probs, no reference model) vs stock TRL `DPOTrainer` computing reference
-   log-probs in the loop — same model, pairs, batch size, max_length, fp32, fused AdamW, gradient
-   checkpointing on (TRL's DPOConfig default; `--no-gradient-checkpointing` turns it off on both
-   sides). Each runs in its own process; tokens/s is the attention-masked tokens over the
-   summed optimizer-step time, peak memory is that process's peak RSS (`ru_maxrss`) on CPU and
+   log-probs in the loop — same model, pairs, batch size (TRL's default 8 pairs per device),
+   max_length, fp32, fused AdamW, gradient checkpointing on (TRL's DPOConfig default;
+   `--no-gradient-checkpointing` turns it off on both sides). Ours lays each pair out as one
+   row sharing the prompt's forward (`shared_prompt`, exact; `--no-shared-prompt` gives it TRL's
+   two rows per pair, to see what the layout alone is worth). Each runs in its own process; tokens/s is the attention-masked tokens over the
+   summed optimizer-step time (counted the same way on both sides: prompt + answer, twice per pair), peak memory is that process's peak RSS (`ru_maxrss`) on CPU and
    `torch.cuda.max_memory_allocated` on a GPU, so the runs never share a peak. The one-off
    reference pass is timed and printed separately.
 
@@ -41,28 +44,29 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def per_pair_overhead(model_id: str, pairs: str, artifact: str, steps: int, device: str) -> tuple[float, float, float]:
+def per_pair_overhead(model_id: str, pairs: str, artifact: str, steps: int, device: str, batch: int,
+                      shared_prompt: bool) -> tuple[float, float, float]:
     import torch
 
-    from sp2dpo.train.data import PerPairCollator, load_training_table, tokenize_table
+    from sp2dpo.train.data import load_training_table, tokenize_table
     from sp2dpo.train.reference import load_causal_lm
     from sp2dpo.train.strategy import TorchStrategy
-    from sp2dpo.train.trainer import TrainConfig, batch_loss
+    from sp2dpo.train.trainer import TrainConfig, batch_loss, make_collator
 
-    cfg = TrainConfig(model=model_id, strategy="torch", max_length=512, micro_batch_size=2, learning_rate=1e-6,
-                      use_gpu=device == "cuda")
+    cfg = TrainConfig(model=model_id, strategy="torch", max_length=512, micro_batch_size=batch, learning_rate=1e-6,
+                      use_gpu=device == "cuda", shared_prompt=shared_prompt)
     model, tok = load_causal_lm(model_id)
     table, _ = load_training_table(artifact, pairs, require_ref=True)
     examples = tokenize_table(table, tok, cfg.max_length)
-    collate = PerPairCollator(tok.pad_token_id, cfg.max_length)
+    collate = make_collator(cfg, tok.pad_token_id)
     strategy = TorchStrategy(cfg, 1, 0, torch.device(device))
     strategy.prepare(model)
     times: dict[str, list[float]] = {"per_pair": [], "global": []}
     for i in range(steps + 1):
-        batch = collate(examples[(2 * i) % len(examples): (2 * i) % len(examples) + 2])
-        batch = {k: v.to(device) for k, v in batch.items()}
+        start = (batch * i) % (len(examples) - batch + 1)
+        inputs = {k: v.to(device) for k, v in collate(examples[start: start + batch]).items()}
         for variant in ("per_pair", "global") if i % 2 == 0 else ("global", "per_pair"):
-            b = dict(batch) if variant == "per_pair" else {**batch, "beta": 0.1}
+            b = dict(inputs) if variant == "per_pair" else {**inputs, "beta": 0.1}
             t0 = time.perf_counter()
             strategy.backward(batch_loss(strategy.model, b, cfg).losses.mean())
             strategy.step()
@@ -71,7 +75,9 @@ def per_pair_overhead(model_id: str, pairs: str, artifact: str, steps: int, devi
             if i > 0:  # the first round warms up allocator and kernels
                 times[variant].append(time.perf_counter() - t0)
     pp, gl = times["per_pair"], times["global"]
-    return min(pp) / min(gl), statistics.median(pp), statistics.median(gl)
+    # Each round runs both variants on the same batch back to back: the median of the paired
+    # ratios cancels the batch-to-batch spread that a ratio of two medians would keep.
+    return statistics.median(p / g for p, g in zip(pp, gl)), statistics.median(pp), statistics.median(gl)
 
 
 TRL_CHILD = r"""
@@ -94,7 +100,7 @@ class StepTimer(TrainerCallback):
     def on_step_end(self, args, state, control, **kw): StepTimer.seconds += time.perf_counter() - self.t0
 
 cuda = a["device"] == "cuda"
-args = DPOConfig(output_dir=a["out"], use_cpu=not cuda, bf16=False, beta=0.1, per_device_train_batch_size=2,
+args = DPOConfig(output_dir=a["out"], use_cpu=not cuda, bf16=False, beta=0.1, per_device_train_batch_size=a["batch"],
                  max_length=512, max_steps=a["steps"], learning_rate=1e-6,
                  gradient_checkpointing=a["checkpointing"], report_to=[], save_strategy="no", logging_steps=1,
                  dataloader_num_workers=0, seed=0)
@@ -113,9 +119,9 @@ import json, sys
 from sp2dpo.train.trainer import TrainConfig, train
 a = json.loads(sys.argv[1])
 cfg = TrainConfig(artifact=a["artifact"], pairs=a["pairs"], model=a["model"], output_dir=a["out"], strategy="torch",
-                  max_length=512, micro_batch_size=2, max_steps=a["steps"], learning_rate=1e-6, checkpoint_every=10**6,
+                  max_length=512, micro_batch_size=a["batch"], max_steps=a["steps"], learning_rate=1e-6, checkpoint_every=10**6,
                   tensorboard=False, compute_reference=False, use_gpu=a["device"] == "cuda", gradient_checkpointing=a["checkpointing"],
-                  **a["extra"])
+                  shared_prompt=a["shared_prompt"], **a["extra"])
 s = train(cfg, show_progress=False)
 print("RESULT_JSON " + json.dumps({"tokens": s["tokens"], "train_seconds": s["train_seconds"],
       "peak_mb": s["peak_cuda_mb_rank0"] if cfg.use_gpu else s["peak_rss_mb_rank0"]}))
@@ -134,12 +140,15 @@ def run_child(code: str, args: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="smollm2")
-    parser.add_argument("--pairs", type=int, default=24)
+    parser.add_argument("--pairs", type=int, default=48)
+    parser.add_argument("--micro-batch-size", type=int, default=8, help="pairs per step (TRL's DPOConfig default: 8)")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--max-chars", type=int, default=400)
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     parser.add_argument("--no-gradient-checkpointing", dest="checkpointing", action="store_false",
                         help="both trainers keep every activation (TRL's default is to recompute them)")
+    parser.add_argument("--no-shared-prompt", dest="shared_prompt", action="store_false",
+                        help="our trainer uses TRL's two-row batch layout (prompt forwarded once per answer)")
     args = parser.parse_args()
     import torch
 
@@ -157,10 +166,13 @@ def main() -> None:
         ref = compute_reference(ReferenceConfig(artifact=artifact, pairs=pairs, model=args.model, max_length=512),
                                 show_progress=False)
         print(f"reference pass (once per artifact): {ref['scored_pairs']} pairs in {time.perf_counter() - t0:.1f}s")
-        ratio, pp, gl = per_pair_overhead(args.model, pairs, ref["artifact"], args.steps, device)
-        print(f"step time, per-pair beta: median {pp:.3f}s; global beta: median {gl:.3f}s (ratio of minima {ratio:.4f})")
+        ratio, pp, gl = per_pair_overhead(args.model, pairs, ref["artifact"], args.steps, device, args.micro_batch_size,
+                                          args.shared_prompt)
+        print(f"step time, per-pair beta: median {pp:.3f}s; global beta: median {gl:.3f}s "
+              f"(median of paired ratios {ratio:.4f})")
         common = {"artifact": ref["artifact"], "pairs": pairs, "model": args.model, "steps": args.steps, "device": device,
-                  "checkpointing": args.checkpointing}
+                  "checkpointing": args.checkpointing, "shared_prompt": args.shared_prompt,
+                  "batch": args.micro_batch_size}
         trl = run_child(TRL_CHILD, {**common, "out": str(Path(tmp) / "trl")})
         cores = {} if device == "cuda" else {"resources_per_worker": {"CPU": os.cpu_count()}}
         ours = run_child(OURS_CHILD, {**common, "out": str(Path(tmp) / "ours"), "extra": cores})
