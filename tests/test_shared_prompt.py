@@ -127,3 +127,32 @@ def test_batch_loss_same_on_both_layouts_and_follows_a_permutation(examples, tin
     perm = [3, 0, 5, 1, 4, 2]
     permuted = batch_loss(model, make_collator(shared_cfg, pad)([examples[i] for i in perm]), shared_cfg)
     torch.testing.assert_close(permuted.losses, shared.losses[perm], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("answer_scorer", [True, False])
+def test_same_logps_and_gradients_on_cuda(examples, tiny_model_dir, answer_scorer):
+    """On a GPU SDPA takes another kernel for a custom mask and TRL's fused head scores only
+    labelled positions (Triton): the one-row layout still equals the two-row one."""
+    from sp2dpo.train.data import PerPairCollator
+    from sp2dpo.train.reference import load_causal_lm, sequence_logps
+    from sp2dpo.train.shared_prompt import SharedPromptCollator, shared_prompt_logps
+
+    examples, pad = examples
+    model, _ = load_causal_lm(str(tiny_model_dir), device="cuda")
+
+    def on_cuda(batch):
+        return {k: v.cuda() for k, v in batch.items()}
+
+    chosen, rejected = sequence_logps(model, on_cuda(PerPairCollator(pad, None)(examples)))
+    (chosen.sum() - 2 * rejected.sum()).backward()
+    expected = _grads(model)
+    model.zero_grad()
+    shared_chosen, shared_rejected = shared_prompt_logps(model, on_cuda(SharedPromptCollator(pad, None)(examples)),
+                                                         answer_scorer=answer_scorer)
+    (shared_chosen.sum() - 2 * shared_rejected.sum()).backward()
+    torch.testing.assert_close(shared_chosen, chosen, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(shared_rejected, rejected, rtol=1e-4, atol=1e-3)
+    got = _grads(model)
+    for name, grad in expected.items():
+        torch.testing.assert_close(got[name], grad, rtol=1e-3, atol=1e-4, msg=name)
