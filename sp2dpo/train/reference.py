@@ -88,6 +88,13 @@ def sequence_logps(model: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
     return out.log_probs.sum(dim=1).chunk(2, dim=0)
 
 
+def batch_logps(model: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
+    """Summed answer log-probs of a batch in either layout (one row per pair or TRL's two)."""
+    from sp2dpo.train.shared_prompt import shared_prompt_logps
+
+    return shared_prompt_logps(model, batch) if "segments" in batch else sequence_logps(model, batch)
+
+
 class ReferenceScorer:
     """Ray Data UDF (and the local engine's scorer): training rows → reference log-probs."""
 
@@ -111,7 +118,6 @@ class ReferenceScorer:
         import torch
 
         from sp2dpo.train.data import tokenize_table
-        from sp2dpo.train.shared_prompt import shared_prompt_logps
 
         examples = tokenize_table(rows, self.tokenizer, self.max_length)
         chosen, rejected = [], []
@@ -119,7 +125,7 @@ class ReferenceScorer:
             for start in range(0, len(examples), self.batch_size):
                 batch = self.collate(examples[start: start + self.batch_size])
                 batch = {k: v.to(self.device) for k, v in batch.items()}
-                c, r = (shared_prompt_logps if "segments" in batch else sequence_logps)(self.model, batch)
+                c, r = batch_logps(self.model, batch)
                 chosen += c.float().cpu().tolist()
                 rejected += r.float().cpu().tolist()
         return pa.table({"pair_id": rows["pair_id"], "ref_chosen_logps": pa.array(chosen, pa.float64()),

@@ -142,14 +142,13 @@ class TrainConfig(StageConfig):
 def batch_loss(model: Any, batch: dict[str, Any], cfg: TrainConfig) -> Any:
     """Per-pair DPO outputs for one collated batch, reading β and reference log-probs from it."""
     from sp2dpo.train.loss import dpo_loss
-    from sp2dpo.train.reference import sequence_logps
-    from sp2dpo.train.shared_prompt import completion_lengths, shared_prompt_logps
+    from sp2dpo.train.reference import batch_logps
+    from sp2dpo.train.shared_prompt import completion_lengths
 
-    shared = "segments" in batch  # SharedPromptCollator's layout: one row per pair
-    chosen, rejected = shared_prompt_logps(model, batch) if shared else sequence_logps(model, batch)
+    chosen, rejected = batch_logps(model, batch)
     lengths = (None, None)
-    if cfg.loss_type == "ipo":
-        lengths = completion_lengths(batch) if shared else batch["completion_mask"].sum(dim=1).chunk(2)
+    if cfg.loss_type == "ipo":  # one row per pair carries `segments`; TRL's two rows do not
+        lengths = completion_lengths(batch) if "segments" in batch else batch["completion_mask"].sum(dim=1).chunk(2)
         lengths = tuple(n.to(chosen.dtype) for n in lengths)
     return dpo_loss(chosen, rejected, batch["ref_chosen_logps"].to(chosen.dtype), batch["ref_rejected_logps"].to(chosen.dtype),
                     batch["beta"], cfg.loss_type, cfg.label_smoothing, lengths[0], lengths[1])
