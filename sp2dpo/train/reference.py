@@ -102,8 +102,7 @@ class ReferenceScorer:
                  shared_prompt: bool = True):
         import torch
 
-        from sp2dpo.train.data import PerPairCollator
-        from sp2dpo.train.shared_prompt import SharedPromptCollator
+        from sp2dpo.train.shared_prompt import make_collator
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model, self.tokenizer = load_causal_lm(model, dtype, device)
@@ -111,8 +110,7 @@ class ReferenceScorer:
         self.device = device
         self.max_length = max_length
         self.batch_size = batch_size
-        collator = SharedPromptCollator if shared_prompt else PerPairCollator
-        self.collate = collator(self.tokenizer.pad_token_id, max_length=max_length)
+        self.collate = make_collator(shared_prompt, self.tokenizer.pad_token_id, max_length)
 
     def __call__(self, rows: pa.Table) -> pa.Table:
         import torch

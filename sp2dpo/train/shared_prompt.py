@@ -42,6 +42,14 @@ PROMPT, CHOSEN, REJECTED, PAD = 0, 1, 2, -1
 MASKABLE_ATTENTION = ("sdpa", "eager")
 
 
+def make_collator(shared_prompt: bool, pad_token_id: int, max_length: int | None) -> Any:
+    """The batch layout asked for: one row per pair (`shared_prompt`) or TRL's two rows."""
+    from sp2dpo.train.data import PerPairCollator
+
+    collator = SharedPromptCollator if shared_prompt else PerPairCollator
+    return collator(pad_token_id, max_length=max_length)
+
+
 class SharedPromptCollator:
     """Examples (`data.tokenize_table`) → one row per pair: `input_ids`, `position_ids`,
     `segments`, `completion_mask` (the answer tokens that are scored); for the answer scorer the
@@ -181,6 +189,9 @@ def shared_prompt_logps(model: Any, batch: dict[str, Any],
 
 
 def completion_lengths(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scored answer tokens per pair ([B] chosen, [B] rejected), as IPO normalises by them."""
+    """Scored answer tokens per pair ([B] chosen, [B] rejected), as IPO normalises by them, in
+    either layout (TRL's two rows carry no `segments`: chosen rows first, then rejected)."""
+    if "segments" not in batch:
+        return batch["completion_mask"].sum(dim=1).chunk(2)
     scored = batch["completion_mask"].bool()
     return ((batch["segments"] == CHOSEN) & scored).sum(dim=1), ((batch["segments"] == REJECTED) & scored).sum(dim=1)

@@ -147,21 +147,17 @@ def batch_loss(model: Any, batch: dict[str, Any], cfg: TrainConfig) -> Any:
 
     chosen, rejected = batch_logps(model, batch)
     lengths = (None, None)
-    if cfg.loss_type == "ipo":  # one row per pair carries `segments`; TRL's two rows do not
-        lengths = completion_lengths(batch) if "segments" in batch else batch["completion_mask"].sum(dim=1).chunk(2)
-        lengths = tuple(n.to(chosen.dtype) for n in lengths)
+    if cfg.loss_type == "ipo":
+        lengths = tuple(n.to(chosen.dtype) for n in completion_lengths(batch))
     return dpo_loss(chosen, rejected, batch["ref_chosen_logps"].to(chosen.dtype), batch["ref_rejected_logps"].to(chosen.dtype),
                     batch["beta"], cfg.loss_type, cfg.label_smoothing, lengths[0], lengths[1])
 
 
 def make_collator(cfg: TrainConfig, pad_token_id: int) -> Any:
     """The batch layout the config asks for: one row per pair (`shared_prompt`) or TRL's two."""
-    from sp2dpo.train.data import PerPairCollator
-    from sp2dpo.train.shared_prompt import SharedPromptCollator
+    from sp2dpo.train import shared_prompt
 
-    if cfg.shared_prompt:
-        return SharedPromptCollator(pad_token_id, max_length=cfg.max_length)
-    return PerPairCollator(pad_token_id, max_length=cfg.max_length)
+    return shared_prompt.make_collator(cfg.shared_prompt, pad_token_id, cfg.max_length)
 
 
 def batch_tokens(batch: dict[str, Any]) -> Any:
