@@ -30,7 +30,7 @@ from sp2dpo.schedule.artifact import build_artifact
 from sp2dpo.schedule.beta import ScheduleConfig
 from sp2dpo.schedule.consensus import read_annotations
 from sp2dpo.schedule.synthetic import score_annotations
-from sp2dpo.utils import read_parquet, write_parquet
+from sp2dpo.storage import read_parquet, write_parquet
 
 
 def make_pairs(n: int) -> pa.Table:

@@ -8,30 +8,12 @@ other, and caches it under $SP2DPO_CACHE (default ~/.cache/sp2dpo).
 
 from __future__ import annotations
 
-import fcntl
 import os
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+
+from sp2dpo.storage import cache_root, file_lock, is_uri, stage_model
 
 BUNDLED_MODEL_NAMES = ("smollm2", "smollm2-135m-instruct", "SmolLM2-135M-Instruct", "bundled")
-
-
-def cache_root() -> Path:
-    root = Path(os.environ.get("SP2DPO_CACHE", Path.home() / ".cache" / "sp2dpo"))
-    root.mkdir(parents=True, exist_ok=True)
-    return root
-
-
-@contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """Serialise the one-time conversion across processes (tests, Ray workers)."""
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def smollm2_gguf_path() -> Path:
@@ -56,7 +38,7 @@ def bundled_model_dir() -> Path:
     target = cache_root() / "SmolLM2-135M-Instruct"
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
         return target
-    with _file_lock(cache_root() / ".smollm2.lock"):
+    with file_lock(cache_root() / ".smollm2.lock"):
         if (target / "model.safetensors").exists():
             return target
         import torch
@@ -80,10 +62,13 @@ def bundled_model_dir() -> Path:
 
 
 def resolve_model(name_or_path: str | None) -> str:
-    """`None` or a bundled name → the converted SmolLM2 dir; a path → itself; anything else is
-    passed through (a hub id works on machines that have it cached or can reach a hub)."""
+    """`None` or a bundled name → the converted SmolLM2 dir; an object-store URI → its staged
+    local copy; a path → itself; anything else is passed through (a hub id works on machines
+    that have it cached or can reach a hub)."""
     if name_or_path is None or name_or_path in BUNDLED_MODEL_NAMES:
         return str(bundled_model_dir())
+    if is_uri(name_or_path):
+        return str(stage_model(name_or_path))
     return name_or_path
 
 
@@ -92,7 +77,7 @@ def tiny_model_dir(num_layers: int = 2, hidden_size: int = 64, seed: int = 0) ->
     target = cache_root() / f"tiny-llama-l{num_layers}-h{hidden_size}-s{seed}"
     if (target / "model.safetensors").exists():
         return target
-    with _file_lock(cache_root() / ".tiny.lock"):
+    with file_lock(cache_root() / ".tiny.lock"):
         if (target / "model.safetensors").exists():
             return target
         import torch

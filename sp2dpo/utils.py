@@ -1,4 +1,6 @@
-"""Small helpers shared by every stage: output paths, Parquet I/O, JSON summaries, progress."""
+"""Small helpers shared by every stage: JSON summaries, progress bars, connecting to Ray.
+
+Reading and writing files or object-store URIs is `sp2dpo.storage`."""
 
 from __future__ import annotations
 
@@ -7,65 +9,6 @@ import os
 import sys
 from contextlib import contextmanager
 from typing import Any, Iterator
-
-import pyarrow as pa
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
-
-
-def filesystem_and_path(uri: str) -> tuple[pafs.FileSystem, str]:
-    """Resolve a local path or `s3://` / `gs://` URI to a pyarrow filesystem and path."""
-    if "://" in uri:
-        return pafs.FileSystem.from_uri(uri)
-    return pafs.LocalFileSystem(), os.path.abspath(uri)
-
-
-def join_uri(base: str, *parts: str) -> str:
-    return "/".join([base.rstrip("/"), *parts])
-
-
-def makedirs(uri: str) -> None:
-    fs, path = filesystem_and_path(uri)
-    fs.create_dir(path, recursive=True)
-
-
-def exists(uri: str) -> bool:
-    fs, path = filesystem_and_path(uri)
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
-
-
-def write_parquet(table: pa.Table, uri: str, metadata: dict[str, Any] | None = None) -> None:
-    """Write one Parquet file atomically (tmp + rename on local disks); `metadata` values are
-    JSON-encoded into the file's key-value metadata under `sp2dpo.<key>`."""
-    if metadata:
-        merged = dict(table.schema.metadata or {})
-        merged.update({f"sp2dpo.{k}".encode(): json.dumps(v, sort_keys=True).encode() for k, v in metadata.items()})
-        table = table.replace_schema_metadata(merged)
-    fs, path = filesystem_and_path(uri)
-    fs.create_dir(os.path.dirname(path), recursive=True)
-    if isinstance(fs, pafs.LocalFileSystem):
-        tmp = f"{path}.tmp-{os.getpid()}"
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    else:
-        pq.write_table(table, path, filesystem=fs)
-
-
-def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
-    fs, path = filesystem_and_path(uri)
-    if fs.get_file_info(path).type == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"no such file or directory: {uri}")
-    return pq.read_table(path, filesystem=fs, columns=columns)
-
-
-def read_sp2dpo_metadata(uri_or_table: str | pa.Table) -> dict[str, Any]:
-    """The `sp2dpo.*` key-value metadata written by `write_parquet`, decoded."""
-    if isinstance(uri_or_table, pa.Table):
-        raw = uri_or_table.schema.metadata or {}
-    else:
-        fs, path = filesystem_and_path(uri_or_table)
-        raw = pq.read_schema(path, filesystem=fs).metadata or {}
-    return {k.decode()[len("sp2dpo."):]: json.loads(v) for k, v in raw.items() if k.startswith(b"sp2dpo.")}
 
 
 def print_json_summary(summary: dict[str, Any]) -> None:

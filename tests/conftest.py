@@ -15,6 +15,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.setdefault("SP2DPO_RAY_OBJECT_STORE_MB", "1024")
 
+# The test S3 server's address and dummy credentials, before any Ray instance starts (its workers
+# inherit them); the server itself starts when a test first asks for the `s3` fixture.
+from s3_server import S3Server, install_env  # noqa: E402
+
+S3_PORT = install_env()
+
 
 def _has_cuda() -> bool:
     try:
@@ -44,6 +50,13 @@ def ray_local():
     init_ray(num_cpus=2)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A real S3 API server on 127.0.0.1 (moto), with one bucket; see tests/s3_server.py."""
+    with S3Server(S3_PORT) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

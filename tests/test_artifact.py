@@ -17,7 +17,7 @@ from sp2dpo.schedule.artifact import (
     ARTIFACT_SCHEMA, ArtifactError, beta_digest, build_artifact, read_artifact, training_pairs, verify_artifact)
 from sp2dpo.schedule.beta import ScheduleConfig
 from sp2dpo.schedule.synthetic import score_annotations
-from sp2dpo.utils import read_parquet, write_parquet
+from sp2dpo.storage import read_parquet, write_parquet
 
 POLICIES = ScheduleConfig(noise_policy="drop", reversed_policy="flip")
 

@@ -14,7 +14,7 @@ from sp2dpo.schedule.artifact import build_artifact, read_artifact
 from sp2dpo.schedule.audit import write_audit
 from sp2dpo.schedule.beta import ScheduleConfig
 from sp2dpo.schedule.synthetic import score_annotations
-from sp2dpo.utils import read_parquet, write_parquet
+from sp2dpo.storage import read_parquet, write_parquet
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

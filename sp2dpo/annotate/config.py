@@ -77,7 +77,8 @@ class PoolOptions(StageConfig):
 
     min_actors: int = Field(1, ge=1)
     max_actors: int = Field(1, ge=1)
-    # GPUs per actor; None: tensor_parallel_size for vllm when the cluster has GPUs, else 0.
+    # GPUs per actor; None: vllm.tensor_parallel_size for a vLLM teacher with a CUDA build of vLLM
+    # (asked for even when the cluster has no GPU node yet: the autoscaler adds one), 0 otherwise.
     num_gpus: float | None = None
     num_cpus: float = Field(1.0, ge=0)
     batch_size: int = Field(16, ge=1)  # pairs per map_batches call (vLLM batches them internally)
@@ -147,7 +148,7 @@ class AnnotateConfig(StageConfig):
         if self.teacher != "openai":
             if model in BUNDLED_MODEL_NAMES:
                 model = "SmolLM2-135M-Instruct"
-            elif os.path.exists(model):
-                # A local path names its model by its directory; a hub id (org/name) stays whole.
+            elif os.path.exists(model) or "://" in model:
+                # A path or URI names its model by its directory; a hub id (org/name) stays whole.
                 model = os.path.basename(os.path.normpath(model))
         return f"{self.teacher}:{model}"

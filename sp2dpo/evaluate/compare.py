@@ -7,31 +7,29 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
+from sp2dpo import storage
 from sp2dpo.evaluate.config import EvaluateConfig
 from sp2dpo.evaluate.score import score_annotations
 
 
-def _resolve(run: str) -> tuple[str, Path]:
+def _resolve(run: str) -> tuple[str, str]:
     """`NAME=PATH` or `PATH`; PATH is an annotations.json or a directory holding one."""
     name, sep, path = run.partition("=")
-    if not sep:
+    if not sep or "://" in name:
         name, path = "", run
-    p = Path(path)
-    if p.is_dir():
-        p = p / "annotations.json"
-    if not p.exists():
-        raise FileNotFoundError(f"run {run!r}: no annotations file at {p}")
-    return name, p
+    if storage.is_dir(path):
+        path = storage.join_uri(path, "annotations.json")
+    if not storage.is_file(path):
+        raise FileNotFoundError(f"run {run!r}: no annotations file at {path}")
+    return name, path
 
 
 def compare(runs: list[str], cfg: EvaluateConfig) -> dict[str, Any]:
     if not runs:
         raise ValueError("give at least one run (NAME=DIR or DIR holding annotations.json)")
-    out = Path(cfg.out or ".")
-    out.mkdir(parents=True, exist_ok=True)
+    out_uri = storage.absolute(cfg.out or ".")
     rows = []
     for run in runs:
         name, path = _resolve(run)
@@ -46,12 +44,12 @@ def compare(runs: list[str], cfg: EvaluateConfig) -> dict[str, Any]:
     if len(set(names)) != len(names):
         raise ValueError(f"run names must be unique, got {names}: name them NAME=DIR")
     table = _markdown(rows)
-    (out / "comparison.md").write_text(table, encoding="utf-8")
-    (out / "comparison.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
-    _plot(rows, out / "comparison.png")
+    storage.write_text(storage.join_uri(out_uri, "comparison.md"), table)
+    storage.write_text(storage.join_uri(out_uri, "comparison.json"), json.dumps(rows, indent=2))
+    storage.write_bytes(storage.join_uri(out_uri, "comparison.png"), _plot(rows))
     print(table)
-    return {"runs": len(rows), "table": str(out / "comparison.md"), "chart": str(out / "comparison.png"),
-            "best_lc": max(rows, key=lambda r: r["lc_win_rate"])["run"]}
+    return {"runs": len(rows), "table": storage.join_uri(out_uri, "comparison.md"),
+            "chart": storage.join_uri(out_uri, "comparison.png"), "best_lc": max(rows, key=lambda r: r["lc_win_rate"])["run"]}
 
 
 def _markdown(rows: list[dict]) -> str:
@@ -64,7 +62,9 @@ def _markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plot(rows: list[dict], path: Path) -> None:
+def _plot(rows: list[dict]) -> bytes:
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -89,5 +89,7 @@ def _plot(rows: list[dict], path: Path) -> None:
     ax.set_ylim(0, max(10.0, max(max(r["win_rate"], r["lc_win_rate"]) for r in rows) * 1.25))
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
+    return buf.getvalue()

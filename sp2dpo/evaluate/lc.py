@@ -19,6 +19,7 @@ supplies an offline estimate of both (see docs/evaluate.md for how it is made an
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 from typing import Any
@@ -115,16 +116,22 @@ def length_controlled_winrate(
     }
 
 
+def _read_csv_text(path: str | Path, what: str) -> str:
+    from sp2dpo import storage
+
+    if not storage.is_file(str(path)):
+        raise FileNotFoundError(f"{what} not found: {path}")
+    return storage.read_text(str(path))
+
+
 def read_instruction_difficulty(path: str | Path, eval_instructions: list[str]) -> np.ndarray:
     """Difficulty per eval-set position from a CSV: AlpacaEval's `instruction_difficulty.csv`
     (index column = position in the eval set), or one with `instruction` and
     `instruction_difficulty` columns."""
     import pandas as pd
 
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"instruction difficulty file not found: {path}")
-    df = pd.read_csv(path)
+    text = _read_csv_text(path, "instruction difficulty file")
+    df = pd.read_csv(io.StringIO(text))
     if {"instruction", "instruction_difficulty"} <= set(df.columns):
         by_text = dict(zip(df["instruction"], df["instruction_difficulty"]))
         missing = [s for s in eval_instructions if s not in by_text]
@@ -132,7 +139,7 @@ def read_instruction_difficulty(path: str | Path, eval_instructions: list[str]) 
             raise ValueError(f"{path}: no difficulty for {len(missing)} eval instruction(s), e.g. {missing[0][:60]!r}")
         values = np.array([by_text[s] for s in eval_instructions], float)
     else:
-        series = pd.read_csv(path, index_col=0).squeeze("columns")
+        series = pd.read_csv(io.StringIO(text), index_col=0).squeeze("columns")
         if not isinstance(series, pd.Series) or len(series) != len(eval_instructions):
             raise ValueError(f"{path}: expected one difficulty column with {len(eval_instructions)} rows "
                              f"(one per eval instruction, indexed by position)")
@@ -147,10 +154,7 @@ def read_df_gamed(path: str | Path) -> "Any":
     baseline, with their features). Preferences given in [1, 2] are moved to [0, 1]."""
     import pandas as pd
 
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"df_gamed file not found: {path}")
-    df = pd.read_csv(path)
+    df = pd.read_csv(io.StringIO(_read_csv_text(path, "df_gamed file")))
     need = {"index", "preference", "std_delta_len", "instruction_difficulty"}
     if not need <= set(df.columns):
         raise ValueError(f"{path}: a df_gamed file needs the columns {sorted(need)}, got {sorted(df.columns)}")

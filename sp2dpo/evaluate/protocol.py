@@ -90,7 +90,7 @@ def parse_preference(completion: dict, switched: bool, annotator: str = DEFAULT_
 
 def load_eval_set(name_or_path: str = "alpaca-eval") -> list[dict]:
     """The AlpacaEval instructions with reference outputs: a list of {dataset, instruction, output, generator}."""
-    path = Path(resolve_input(name_or_path))
+    path = resolve_input(name_or_path)
     rows = read_json_list(path, "eval set")
     for i, row in enumerate(rows):
         if not isinstance(row, dict) or not isinstance(row.get("instruction"), str):
@@ -105,13 +105,14 @@ def read_json_list(path: str | Path, what: str) -> list:
     """A JSON array file (optionally .gz), with a clear error for anything else."""
     import gzip
 
-    path = Path(path)
-    if not path.exists():
+    from sp2dpo import storage
+
+    path = str(path)
+    if not storage.is_file(path):
         raise FileNotFoundError(f"{what} not found: {path}")
-    opener = gzip.open if path.suffix == ".gz" else open
     try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            data = json.load(f)
+        body = storage.read_bytes(path)
+        data = json.loads(gzip.decompress(body) if path.endswith(".gz") else body)
     except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
         raise ValueError(f"{path}: not a JSON file ({exc})") from None
     if not isinstance(data, list):

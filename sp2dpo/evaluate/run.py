@@ -23,6 +23,7 @@ from typing import Any, Awaitable, Callable
 from sp2dpo.evaluate.config import EvaluateConfig
 from sp2dpo.evaluate.protocol import (BASELINE, evaluator_config, is_switched, judge_messages, judge_model_name,
                                       load_eval_set, parse_preference, read_json_list)
+from sp2dpo.storage import absolute, join_uri, local_mirror, parent
 
 
 def _client(endpoint: str, key_env: str, cfg: EvaluateConfig) -> Any:
@@ -95,39 +96,41 @@ def generate(cfg: EvaluateConfig, show_progress: bool = True) -> dict[str, Any]:
     """Write OUT/model_outputs.json: the model's answer to every eval instruction."""
     endpoint = _need(cfg.endpoint, "--endpoint", "generate")
     model = _need(cfg.model, "--model", "generate")
-    out = Path(_need(cfg.out, "--out", "generate"))
+    out_uri = absolute(_need(cfg.out, "--out", "generate"))
     generator = cfg.name or model
-    out.mkdir(parents=True, exist_ok=True)
-    partial = out / "model_outputs.partial.jsonl"
-    done = _read_partial(partial)
-    others = sorted({r.get("generator") for r in done.values()} - {generator})
-    if others:
-        raise ValueError(f"{partial} holds outputs of {others}, not {generator!r}: use another --out")
-    rows = _eval_rows(cfg)
-    todo = [r for r in rows if r["instruction"] not in done]
-    client = _client(endpoint, cfg.api_key_env, cfg)
+    # Work in a local mirror of OUT (OUT itself when local): what finished is uploaded even on failure.
+    with local_mirror(out_uri) as local:
+        partial = Path(local) / "model_outputs.partial.jsonl"
+        done = _read_partial(partial)
+        others = sorted({r.get("generator") for r in done.values()} - {generator})
+        if others:
+            raise ValueError(f"{join_uri(out_uri, partial.name)} holds outputs of {others}, not {generator!r}: "
+                             "use another --out")
+        rows = _eval_rows(cfg)
+        todo = [r for r in rows if r["instruction"] not in done]
+        client = _client(endpoint, cfg.api_key_env, cfg)
 
-    async def call(row: dict) -> dict:
-        response = await client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": row["instruction"]}],
-            max_tokens=cfg.max_tokens, temperature=cfg.temperature)
-        # alpaca_eval strips outputs before judging (is_strip_output=True).
-        text = (response.choices[0].message.content or "").strip()
-        return {"instruction": row["instruction"], "output": text, "generator": generator, "dataset": row.get("dataset")}
+        async def call(row: dict) -> dict:
+            response = await client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": row["instruction"]}],
+                max_tokens=cfg.max_tokens, temperature=cfg.temperature)
+            # alpaca_eval strips outputs before judging (is_strip_output=True).
+            text = (response.choices[0].message.content or "").strip()
+            return {"instruction": row["instruction"], "output": text, "generator": generator, "dataset": row.get("dataset")}
 
-    t0 = time.perf_counter()
-    errors = _run_all(todo, call, partial, cfg, f"generate {generator}", show_progress, client)
-    seconds = time.perf_counter() - t0
-    done = _read_partial(partial)
-    if errors:
-        raise ValueError(f"{len(errors)} of {len(todo)} generation requests failed after {cfg.max_retries} retries "
-                         f"(first: {errors[0]}); {len(done)} outputs are kept in {partial}: rerun the same command to resume")
-    outputs = [done[r["instruction"]] for r in rows]
-    path = out / "model_outputs.json"
-    path.write_text(json.dumps(outputs, ensure_ascii=False, indent=2), encoding="utf-8")
-    return {"model_outputs": str(path), "generator": generator, "n": len(outputs), "generated": len(todo),
-            "resumed": len(rows) - len(todo), "avg_length": int(sum(len(o["output"]) for o in outputs) / len(outputs)),
-            "seconds": round(seconds, 2)}
+        t0 = time.perf_counter()
+        errors = _run_all(todo, call, partial, cfg, f"generate {generator}", show_progress, client)
+        seconds = time.perf_counter() - t0
+        done = _read_partial(partial)
+        if errors:
+            raise ValueError(f"{len(errors)} of {len(todo)} generation requests failed after {cfg.max_retries} retries "
+                             f"(first: {errors[0]}); {len(done)} outputs are kept in {join_uri(out_uri, partial.name)}: "
+                             "rerun the same command to resume")
+        outputs = [done[r["instruction"]] for r in rows]
+        (Path(local) / "model_outputs.json").write_text(json.dumps(outputs, ensure_ascii=False, indent=2), encoding="utf-8")
+    return {"model_outputs": join_uri(out_uri, "model_outputs.json"), "generator": generator, "n": len(outputs),
+            "generated": len(todo), "resumed": len(rows) - len(todo),
+            "avg_length": int(sum(len(o["output"]) for o in outputs) / len(outputs)), "seconds": round(seconds, 2)}
 
 
 def annotator_label(cfg: EvaluateConfig, judge_model: str) -> str:
@@ -160,8 +163,7 @@ def judge(cfg: EvaluateConfig, model_outputs: str, show_progress: bool = True) -
     """Write OUT/annotations.json: the judge's preference of each model output over the reference."""
     endpoint = _need(cfg.judge_endpoint, "--endpoint", "judge")
     judge_model = _need(cfg.judge_model, "--model", "judge")
-    out = Path(cfg.out) if cfg.out else Path(model_outputs).parent
-    out.mkdir(parents=True, exist_ok=True)
+    out_uri = absolute(cfg.out) if cfg.out else parent(absolute(model_outputs))
     eval_rows = load_eval_set(cfg.eval_set)
     reference = {r["instruction"]: r for r in eval_rows}
     outputs = load_model_outputs(model_outputs, eval_rows)
@@ -171,40 +173,41 @@ def judge(cfg: EvaluateConfig, model_outputs: str, show_progress: bool = True) -
     settings.pop("model_name", None)
     settings.pop("requires_chatml", None)
     label = annotator_label(cfg, judge_model)
-    partial = out / "annotations.partial.jsonl"
     wanted = {o["instruction"]: o["output"] for o in outputs}
-    # A cached judgment counts only for the same output, judge and order seed.
-    done = {k: v for k, v in _read_partial(partial).items()
-            if k in wanted and wanted[k] == v.get("output_2") and v.get("annotator") == label and v.get("seed") == cfg.seed}
-    todo = [o for o in outputs if o["instruction"] not in done]
-    client = _client(endpoint, cfg.judge_api_key_env, cfg)
+    with local_mirror(out_uri) as local:
+        partial = Path(local) / "annotations.partial.jsonl"
+        # A cached judgment counts only for the same output, judge and order seed.
+        done = {k: v for k, v in _read_partial(partial).items()
+                if k in wanted and wanted[k] == v.get("output_2") and v.get("annotator") == label and v.get("seed") == cfg.seed}
+        todo = [o for o in outputs if o["instruction"] not in done]
+        client = _client(endpoint, cfg.judge_api_key_env, cfg)
 
-    async def call(row: dict) -> dict:
-        ref = reference[row["instruction"]]
-        switched = is_switched(row["instruction"], cfg.seed)
-        first, second = (row["output"], ref["output"]) if switched else (ref["output"], row["output"])
-        response = await client.chat.completions.create(
-            model=judge_model, messages=judge_messages(row["instruction"], first, second, cfg.annotator), **settings)
-        completion = response.choices[0].model_dump()
-        preference = parse_preference(completion, switched, cfg.annotator)
-        return {"instruction": row["instruction"], "output_1": ref["output"], "generator_1": ref.get("generator", BASELINE),
-                "dataset": ref.get("dataset"), "output_2": row["output"], "generator_2": row.get("generator"),
-                "annotator": label, "preference": None if math.isnan(preference) else preference,
-                "is_switched_outputs": switched, "seed": cfg.seed, "raw_completion": completion}
+        async def call(row: dict) -> dict:
+            ref = reference[row["instruction"]]
+            switched = is_switched(row["instruction"], cfg.seed)
+            first, second = (row["output"], ref["output"]) if switched else (ref["output"], row["output"])
+            response = await client.chat.completions.create(
+                model=judge_model, messages=judge_messages(row["instruction"], first, second, cfg.annotator), **settings)
+            completion = response.choices[0].model_dump()
+            preference = parse_preference(completion, switched, cfg.annotator)
+            return {"instruction": row["instruction"], "output_1": ref["output"], "generator_1": ref.get("generator", BASELINE),
+                    "dataset": ref.get("dataset"), "output_2": row["output"], "generator_2": row.get("generator"),
+                    "annotator": label, "preference": None if math.isnan(preference) else preference,
+                    "is_switched_outputs": switched, "seed": cfg.seed, "raw_completion": completion}
 
-    t0 = time.perf_counter()
-    errors = _run_all(todo, call, partial, cfg, f"judge {judge_model}", show_progress, client)
-    seconds = time.perf_counter() - t0
-    cached = _read_partial(partial)
-    if errors:
-        raise ValueError(f"{len(errors)} of {len(todo)} judge requests failed after {cfg.max_retries} retries "
-                         f"(first: {errors[0]}); finished judgments are kept in {partial}: rerun the same command to resume")
-    annotations = [cached[o["instruction"]] for o in outputs]
-    path = out / "annotations.json"
-    path.write_text(json.dumps(annotations, ensure_ascii=False, indent=2), encoding="utf-8")
+        t0 = time.perf_counter()
+        errors = _run_all(todo, call, partial, cfg, f"judge {judge_model}", show_progress, client)
+        seconds = time.perf_counter() - t0
+        cached = _read_partial(partial)
+        if errors:
+            raise ValueError(f"{len(errors)} of {len(todo)} judge requests failed after {cfg.max_retries} retries "
+                             f"(first: {errors[0]}); finished judgments are kept in {join_uri(out_uri, partial.name)}: "
+                             "rerun the same command to resume")
+        annotations = [cached[o["instruction"]] for o in outputs]
+        (Path(local) / "annotations.json").write_text(json.dumps(annotations, ensure_ascii=False, indent=2), encoding="utf-8")
     prefs = [a["preference"] for a in annotations if a["preference"] is not None]
-    return {"annotations": str(path), "annotator": label, "n": len(annotations), "judged": len(todo),
-            "resumed": len(outputs) - len(todo), "n_missing": len(annotations) - len(prefs),
+    return {"annotations": join_uri(out_uri, "annotations.json"), "annotator": label, "n": len(annotations),
+            "judged": len(todo), "resumed": len(outputs) - len(todo), "n_missing": len(annotations) - len(prefs),
             "win_rate": round(100 * sum(p - 1 for p in prefs) / len(prefs), 4) if prefs else None,
             "comparable_with_leaderboard": label == cfg.annotator and not cfg.limit and len(outputs) == len(eval_rows),
             "seconds": round(seconds, 2)}

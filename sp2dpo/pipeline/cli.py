@@ -14,7 +14,7 @@ def run(config: Any, until: str | None = None, force: list[str] | None = None, d
     """Run (or with dry_run, plan) the pipeline; return the summary the CLI prints."""
     from sp2dpo.pipeline.runner import MANIFEST, run_pipeline
     from sp2dpo.pipeline.stages import default_stages
-    from sp2dpo.utils import join_uri
+    from sp2dpo.storage import join_uri
 
     results = run_pipeline(config, stages if stages is not None else default_stages(config), config.run_dir,
                            until=until or config.until, force=list(force or config.force), dry_run=dry_run)
@@ -81,18 +81,17 @@ def demo_cmd(
 
 def _print_demo_report(run_dir: str) -> None:
     """What a person wants at the end of the demo: the comparison and where the audit lives."""
-    import json
-    from pathlib import Path
+    from sp2dpo import storage
 
-    manifest = json.loads(Path(run_dir, "pipeline.json").read_text())
-    paths = {s["name"]: Path(s["path"]) for s in manifest["stages"]}
+    manifest = storage.read_json(storage.join_uri(storage.absolute(run_dir), "pipeline.json"))
+    paths = {s["name"]: s["path"] for s in manifest["stages"]}
     typer.echo("")
-    typer.echo((paths["compare"] / "comparison.md").read_text())
-    audit = paths["schedule"] / "audit"
-    typer.echo(f"audit report: {audit / 'report.md'}")
-    for plot in sorted(audit.glob("*.png")):
+    typer.echo(storage.read_text(storage.join_uri(paths["compare"], "comparison.md")))
+    audit = storage.join_uri(paths["schedule"], "audit")
+    typer.echo(f"audit report: {storage.join_uri(audit, 'report.md')}")
+    for plot in storage.list_files(audit, suffix=".png"):
         typer.echo(f"audit plot:   {plot}")
-    typer.echo(f"comparison:   {paths['compare'] / 'comparison.png'}")
+    typer.echo(f"comparison:   {storage.join_uri(paths['compare'], 'comparison.png')}")
 
 
 def register(root: typer.Typer) -> None:

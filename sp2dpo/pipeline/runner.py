@@ -28,11 +28,13 @@ import os
 import sys
 import time
 import traceback
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from sp2dpo.config import StageConfig
-from sp2dpo.utils import exists, filesystem_and_path, join_uri, makedirs
+from sp2dpo import storage
+from sp2dpo.storage import join_uri, makedirs, write_json
 
 MARKER = "_SUCCESS.json"
 ERROR_FILE = "_ERROR.txt"
@@ -137,23 +139,51 @@ def stage_key(stage: Stage, section: Any, input_keys: dict[str, str]) -> str:
 
 
 def read_json(uri: str) -> dict[str, Any] | None:
-    fs, path = filesystem_and_path(uri)
     try:
-        with fs.open_input_stream(path) as f:
-            return json.loads(f.read().decode())
+        return storage.read_json(uri)
     except (FileNotFoundError, OSError, json.JSONDecodeError):
         return None
 
 
-def write_json(uri: str, data: dict[str, Any]) -> None:
-    """Write JSON so that a reader never sees half a file (tmp + move where the filesystem can)."""
-    fs, path = filesystem_and_path(uri)
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    body = json.dumps(data, indent=2, sort_keys=True, default=str).encode()
-    tmp = f"{path}.tmp"
-    with fs.open_output_stream(tmp) as f:
-        f.write(body)
-    fs.move(tmp, path)
+def check_run_dir_reachable(run_dir: str) -> None:
+    """Refuse, before any stage starts, a local run dir that some node of the cluster cannot see.
+
+    Stages run wherever Ray places them and hand each other paths, so every node must reach
+    the run dir: object storage always does; a local path only if it is a mount shared by every
+    node. We check that by asking a task on each other node for a probe file written here."""
+    if storage.is_uri(run_dir) or not (os.environ.get("RAY_ADDRESS") or _ray_initialized()):
+        return  # object storage, or no cluster: a laptop's local Ray has one node
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from sp2dpo.utils import init_ray
+
+    init_ray()
+    here = ray.get_runtime_context().get_node_id()
+    others = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] != here]
+    if not others:
+        return
+    os.makedirs(run_dir, exist_ok=True)
+    probe = os.path.join(run_dir, f".reachable-{uuid.uuid4().hex}")
+    with open(probe, "w") as f:
+        f.write("probe\n")
+    try:
+        sees = ray.remote(num_cpus=0)(os.path.exists)
+        found = ray.get([sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(probe)
+                         for node in others], timeout=120)
+    finally:
+        os.remove(probe)
+    blind = [node for node, seen in zip(others, found) if not seen]
+    if blind:
+        raise ValueError(
+            f"run_dir {run_dir} is on this node's local disk, and {len(blind)} of the cluster's {len(others) + 1} "
+            "nodes cannot see it (stages run on any node and read each other's outputs): set run_dir to an "
+            "object-store URI every node reaches (e.g. --set run_dir=s3://BUCKET/runs/NAME) or to a mount "
+            "shared by every node")
+
+
+def _ray_initialized() -> bool:
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
 
 
 @dataclass
@@ -208,12 +238,13 @@ def run_pipeline(
     from rich.console import Console
 
     console = console or Console(stderr=True)
-    if "://" not in run_dir:
-        run_dir = os.path.abspath(run_dir)  # stages hand paths to Ray workers with other working dirs
+    run_dir = storage.absolute(run_dir)  # stages hand paths to Ray workers with other working dirs
     p = plan(config, stages, run_dir, until)
     unknown = set(force) - set(p.keys)
     if unknown:
         raise ValueError(f"unknown stage(s) to force: {sorted(unknown)}; stages: {list(p.keys)}")
+    if not dry_run:
+        check_run_dir_reachable(run_dir)
     results: dict[str, StageResult] = {}
     manifest = {"run_dir": run_dir, "config_hash": getattr(config, "config_hash", lambda: None)(), "stages": []}
     started = time.perf_counter()
@@ -270,16 +301,13 @@ def _run_stage(stage: Stage, config: Any, p: Plan, done: dict[str, StageResult],
         "summary": summary, "started_at": begun.isoformat(), "seconds": seconds,
         "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
     })
-    if exists(join_uri(path, ERROR_FILE)):
-        fs, local = filesystem_and_path(join_uri(path, ERROR_FILE))
-        fs.delete_file(local)
+    if storage.exists(join_uri(path, ERROR_FILE)):
+        storage.delete_file(join_uri(path, ERROR_FILE))
     return StageResult(stage.name, key, path, "ran", summary, seconds)
 
 
 def _write_text(uri: str, text: str) -> None:
     try:
-        fs, path = filesystem_and_path(uri)
-        with fs.open_output_stream(path) as f:
-            f.write(text.encode())
+        storage.write_text(uri, text)
     except OSError as exc:  # never hide the stage's own error behind this one
         print(f"could not write {uri}: {exc}", file=sys.stderr)

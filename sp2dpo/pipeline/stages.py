@@ -11,11 +11,11 @@ pipeline is planned, before anything runs.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from sp2dpo.pipeline.config import PipelineConfig
 from sp2dpo.pipeline.runner import Stage, StageDir, load_object
+from sp2dpo.storage import write_json, write_parquet
 
 TRAIN_CONFIG = "sp2dpo.train.trainer:TrainConfig"
 EVALUATE_CONFIG = "sp2dpo.evaluate.config:EvaluateConfig"
@@ -76,7 +76,6 @@ def run_reference(config: PipelineConfig, sd: StageDir) -> dict[str, Any]:
     """
     compute_reference = load_object("sp2dpo.train.reference:compute_reference")
     from sp2dpo.schedule.artifact import REF_LOGP_COLUMNS, read_artifact
-    from sp2dpo.utils import write_parquet
 
     scored: list[tuple[Any, str]] = []  # (rows key table, scored artifact path)
     summaries: dict[str, Any] = {}
@@ -137,8 +136,7 @@ def run_evaluate(config: PipelineConfig, sd: StageDir) -> dict[str, Any]:
             judged = run.judge(cfg, generated["model_outputs"])
             scored = score_annotations(judged["annotations"], glm=cfg.glm, instruction_difficulty=cfg.instruction_difficulty,
                                        df_gamed=cfg.df_gamed, allow_missing=cfg.allow_missing, eval_set=cfg.eval_set)
-            with open(sd.join(name, "score.json"), "w") as f:
-                json.dump(scored, f, indent=2, default=str)
+            write_json(sd.join(name, "score.json"), scored)
             summary[name] = {k: scored.get(k) for k in ("win_rate", "lc_win_rate", "n", "n_missing", "avg_length")}
     finally:
         serve.stop_server()

@@ -29,7 +29,8 @@ import pyarrow.compute as pc
 from sp2dpo import __version__
 from sp2dpo.schedule.beta import UNANNOTATED, Schedule, ScheduleConfig, schedule_beta
 from sp2dpo.schedule.consensus import CONSENSUS_INPUTS, consensus, read_annotations
-from sp2dpo.utils import progress_bar, read_parquet, read_sp2dpo_metadata, write_parquet
+from sp2dpo.storage import read_parquet, read_sp2dpo_metadata, write_parquet
+from sp2dpo.utils import progress_bar
 
 ARTIFACT_VERSION = "1"
 CONTROLS = ("semantic", "global", "shuffled")

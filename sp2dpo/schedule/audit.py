@@ -19,15 +19,10 @@ import yaml
 from sp2dpo.annotate.schema import MAGNITUDE_MAX, MAGNITUDE_MIN
 from sp2dpo.schedule.artifact import read_artifact
 from sp2dpo.schedule.beta import ALL_CATEGORIES
-from sp2dpo.utils import filesystem_and_path, join_uri, makedirs, progress_bar
+from sp2dpo.storage import join_uri, makedirs, write_bytes
+from sp2dpo.utils import progress_bar
 
 LISTED_PAIRS = 20  # flipped/dropped pairs listed in full; the counts are always complete
-
-
-def _write_bytes(uri: str, data: bytes) -> None:
-    fs, path = filesystem_and_path(uri)
-    with fs.open_output_stream(path) as f:
-        f.write(data)
 
 
 def _png(fig) -> bytes:
@@ -201,7 +196,7 @@ def write_audit(artifact_path: str, out_dir: str, show_progress: bool = False) -
             "category_magnitude_heatmap.png": plot_heatmap(col, present),
         }
         for name, data in plots.items():
-            _write_bytes(join_uri(out_dir, name), data)
+            write_bytes(join_uri(out_dir, name), data)
             bar.update()
 
         n = table.num_rows
@@ -303,7 +298,7 @@ def write_audit(artifact_path: str, out_dir: str, show_progress: bool = False) -
             "",
         ]
         report = join_uri(out_dir, "report.md")
-        _write_bytes(report, "\n".join(lines).encode())
+        write_bytes(report, "\n".join(lines).encode())
         bar.update()
     return {
         "report": report,

@@ -21,12 +21,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from sp2dpo.annotate.schema import ANNOTATION_STATUSES, ANNOTATIONS_SCHEMA, MAGNITUDE_MAX, MAGNITUDE_MIN
+from sp2dpo.annotate.store import shard_files
 from sp2dpo.schedule.beta import ALL_CATEGORIES, UNANNOTATED, category_codes
-from sp2dpo.utils import filesystem_and_path
+from sp2dpo.storage import exists, filesystem_and_path, is_file
 
 CONSENSUS_SCHEMA = pa.schema(
     [
@@ -47,17 +47,11 @@ N_LEVELS = MAGNITUDE_MAX - MAGNITUDE_MIN + 1
 
 def annotation_files(path: str) -> list[str]:
     """Every `*.parquet` under `path` (recursively), sorted; or `path` itself if it is a file."""
-    fs, root = filesystem_and_path(path)
-    info = fs.get_file_info(root)
-    if info.type == pafs.FileType.NotFound:
+    if is_file(path):
+        return [path]
+    if not exists(path):
         raise FileNotFoundError(f"annotations not found: {path}")
-    if info.type == pafs.FileType.File:
-        return [root]
-    files = sorted(
-        f.path for f in fs.get_file_info(pafs.FileSelector(root, recursive=True))
-        if f.type == pafs.FileType.File and f.path.endswith(".parquet")
-        and not f.base_name.startswith((".", "_"))
-    )
+    files = shard_files(path)
     if not files:
         raise ValueError(f"no *.parquet annotation shards under {path}")
     return files
@@ -65,15 +59,15 @@ def annotation_files(path: str) -> list[str]:
 
 def read_annotations(path: str, columns: list[str] | None = None) -> pa.Table:
     """All annotation shards under `path` as one table with ANNOTATIONS_SCHEMA (or its `columns`)."""
-    fs, _ = filesystem_and_path(path)
     schema = ANNOTATIONS_SCHEMA if columns is None else pa.schema([ANNOTATIONS_SCHEMA.field(c) for c in columns])
     tables = []
     for file in annotation_files(path):
-        names = pq.read_schema(file, filesystem=fs).names
+        fs, local = filesystem_and_path(file)
+        names = pq.read_schema(local, filesystem=fs).names
         missing = [name for name in ANNOTATIONS_SCHEMA.names if name not in names]
         if missing:
             raise ValueError(f"{file}: not an annotations table, missing columns {missing}")
-        table = pq.read_table(file, filesystem=fs, columns=schema.names)
+        table = pq.read_table(local, filesystem=fs, columns=schema.names)
         try:
             tables.append(table.cast(schema))
         except (pa.ArrowInvalid, pa.ArrowTypeError, NotImplementedError) as exc:

@@ -36,11 +36,13 @@ def resolve_api_key(cfg: ServeConfig) -> str | None:
 
 
 def check_model_paths(cfg: ServeConfig) -> None:
-    """Refuse a model directory that is plainly missing before any replica tries to load it."""
+    """Refuse a model directory that is plainly missing before any replica tries to load it (a
+    replica stages a model on object storage to its node's cache when it starts)."""
+    from sp2dpo import storage
+
     for m in cfg.models:
-        if m.path and "://" not in m.path and (m.path.startswith((".", "/", "~")) or os.sep in m.path):
-            path = Path(m.path).expanduser()
-            if not (path / "config.json").is_file():
+        if m.path and (storage.is_uri(m.path) or m.path.startswith((".", "/", "~")) or os.sep in m.path):
+            if not storage.is_file(storage.join_uri(m.path, "config.json")):
                 raise FileNotFoundError(f"model {m.id!r}: no Hugging Face model directory at {m.path} (config.json missing)")
 
 
