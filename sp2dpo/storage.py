@@ -144,8 +144,8 @@ def atomic_output(uri: str) -> Iterator[tuple[pafs.FileSystem, str]]:
     object itself (it is published when the upload completes); deleted again if the writer fails.
     """
     fs, path = filesystem_and_path(uri)
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     if isinstance(fs, pafs.LocalFileSystem):
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
         tmp = os.path.join(os.path.dirname(path), f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}-{os.path.basename(path)}")
         try:
             yield fs, tmp

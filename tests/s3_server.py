@@ -80,10 +80,12 @@ class S3Server:
         return f"s3://{self.bucket}/{name}-{uuid.uuid4().hex[:8]}"
 
     def keys(self, uri: str) -> list[str]:
-        """Every object key under an `s3://bucket/prefix` URI (what is really on the server)."""
+        """Every object key under an `s3://bucket/prefix` URI (what is really on the server), less
+        the empty directory-marker objects pyarrow creates."""
         bucket, _, prefix = uri[len("s3://"):].partition("/")
         pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix.rstrip("/") + "/")
-        return sorted(o["Key"][len(prefix.rstrip("/")) + 1:] for page in pages for o in page.get("Contents", []))
+        keys = (o["Key"][len(prefix.rstrip("/")) + 1:] for page in pages for o in page.get("Contents", []))
+        return sorted(k for k in keys if k and not k.endswith("/"))
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
