@@ -258,9 +258,11 @@ def test_serve_a_student_saved_on_s3(s3, ray_local, tiny_model_dir):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)
 def test_demo_pipeline_with_run_dir_on_s3(s3, tmp_path, monkeypatch):
     """`sp2dpo pipeline --config demo --set run_dir=s3://...` (scaled down): every stage's outputs
-    are on the S3 server, nothing lands on the local disk, and a rerun finds every stage done."""
+    are on the S3 server, nothing lands on the local disk, and a rerun finds every stage done.
+    An API key is set for the served students and judge: the evaluate stage must send it."""
     import subprocess
     import sys
 
@@ -269,7 +271,8 @@ def test_demo_pipeline_with_run_dir_on_s3(s3, tmp_path, monkeypatch):
     command = [str(Path(sys.executable).parent / "sp2dpo"), "pipeline", "--config", "demo", "--json",
                "--set", f"run_dir={run_dir}", "--set", "data.limit=6", "--set", "data.max_tokens=200",
                "--set", "train.max_length=256", "--set", "evaluate.limit=2", "--set", "evaluate.max_tokens=16"]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+    env = {**os.environ, "SP2DPO_API_KEY": "demo-key-for-the-served-models"}
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=1800, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["complete"] == [] and len(summary["ran"]) == 9, summary
@@ -287,6 +290,6 @@ def test_demo_pipeline_with_run_dir_on_s3(s3, tmp_path, monkeypatch):
     assert not any(p for p in tmp_path.iterdir()), "nothing written to the local working dir"
     print("STAGE_SECONDS", {stage: s["seconds"] for stage, s in summary["stages"].items()})
 
-    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert again.returncode == 0, again.stderr[-4000:]
     assert json.loads(again.stdout.strip().splitlines()[-1])["ran"] == []

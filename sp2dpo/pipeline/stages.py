@@ -129,9 +129,12 @@ def run_evaluate(config: PipelineConfig, sd: StageDir) -> dict[str, Any]:
     summary: dict[str, Any] = {"endpoint": base_url}
     try:
         for name in runs:
+            # Requests to our own app carry its key (its env var); an outside judge keeps its own.
+            local_judge = {} if sd.config.judge_endpoint else {"judge_api_key_env": serve_cfg.api_key_env}
             cfg = with_paths(sd.config, endpoint=base_url, model=name, name=RUN_LABELS[name], out=sd.join(name),
                              judge_endpoint=sd.config.judge_endpoint or base_url,
-                             judge_model=sd.config.judge_model or "judge")
+                             judge_model=sd.config.judge_model or "judge", api_key_env=serve_cfg.api_key_env,
+                             **local_judge)
             generated = run.generate(cfg)
             judged = run.judge(cfg, generated["model_outputs"])
             scored = score_annotations(judged["annotations"], glm=cfg.glm, instruction_difficulty=cfg.instruction_difficulty,
