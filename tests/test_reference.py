@@ -103,7 +103,7 @@ def test_reference_pass_refuses_mismatched_artifact(sample, tmp_path, tiny_model
 
     from sp2dpo.schedule.artifact import ArtifactError
     from sp2dpo.train.reference import ReferenceConfig, compute_reference
-    from sp2dpo.utils import read_parquet, write_parquet
+    from sp2dpo.storage import read_parquet, write_parquet
 
     _, pairs, artifact = sample
     fewer = str(tmp_path / "fewer_pairs.parquet")

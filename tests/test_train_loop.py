@@ -77,7 +77,7 @@ def test_own_loop_equals_trl_route_on_the_same_batch(sample_with_ref, tiny_model
 def test_train_refuses_foreign_reference_and_uncovered_pairs(sample_with_ref, tiny_model_dir, tmp_path):
     from sp2dpo.schedule.artifact import ArtifactError
     from sp2dpo.train.trainer import prepare_artifact
-    from sp2dpo.utils import read_parquet, read_sp2dpo_metadata, write_parquet
+    from sp2dpo.storage import read_parquet, read_sp2dpo_metadata, write_parquet
 
     _, pairs, artifact, ref_artifact = sample_with_ref
     # Log-probs tagged for another reference model.

@@ -28,7 +28,8 @@ from pydantic import Field
 
 from sp2dpo.config import StageConfig
 from sp2dpo.schedule.artifact import REF_LOGP_COLUMNS, read_artifact
-from sp2dpo.utils import progress_bar, write_parquet
+from sp2dpo.storage import write_parquet
+from sp2dpo.utils import progress_bar
 
 
 class ReferenceConfig(StageConfig):

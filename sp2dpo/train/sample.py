@@ -20,7 +20,7 @@ def build_sample_inputs(out_dir: str | Path, limit: int = 32, seed: int = 0, max
     from sp2dpo.data.prepare import DataConfig, prepare
     from sp2dpo.schedule.artifact import build_artifact
     from sp2dpo.schedule.synthetic import score_annotations
-    from sp2dpo.utils import read_parquet, write_parquet
+    from sp2dpo.storage import read_parquet, write_parquet
 
     out = Path(out_dir)
     prepare(DataConfig(inputs=["ultrafeedback-sample"], out=str(out / "data")), show_progress=False)

@@ -435,7 +435,7 @@ def plot_curves(history: list[dict], path: str) -> None:
 def _upload(local_dir: str, uri: str) -> None:
     import pyarrow.fs as pafs
 
-    from sp2dpo.utils import filesystem_and_path
+    from sp2dpo.storage import filesystem_and_path
 
     fs, path = filesystem_and_path(uri)
     fs.create_dir(path, recursive=True)
@@ -528,7 +528,8 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> dict[str, Any]:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from sp2dpo.utils import filesystem_and_path, init_ray
+    from sp2dpo.storage import filesystem_and_path
+    from sp2dpo.utils import init_ray
 
     t0 = time.perf_counter()
     # Ray Train workers run in their own working directory: local paths must be absolute.
