@@ -238,3 +238,93 @@ def test_single_worker_ray_train_run(sample_with_ref, tiny_model_dir, ray_local,
     # The trained weights differ from the start; the reference model was never loaded by the loop.
     start = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert not torch.equal(start.model.layers[0].mlp.up_proj.weight, model.model.layers[0].mlp.up_proj.weight)
+
+
+def _reduce_in_group(rank: int, world: int, backend: str, simulate_nccl: bool, init_file: str, results) -> None:
+    """One process of a real process group: MetricSums.reduce on sums that differ by rank, with
+    every all_reduce recorded (and, when `simulate_nccl`, checked the way NCCL checks it)."""
+    import torch.distributed as dist
+
+    from sp2dpo.train.trainer import MetricSums
+
+    if backend == "nccl":
+        torch.cuda.set_device(0)
+    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        real_all_reduce, seen = dist.all_reduce, []
+
+        def recorded(tensor, *args, **kwargs):
+            seen.append(tensor.device.type)
+            if not simulate_nccl:
+                return real_all_reduce(tensor, *args, **kwargs)
+            # NCCL's own check: a tensor not on a CUDA device has no backend to reduce it.
+            if tensor.device.type != "cuda":
+                raise RuntimeError(f"No backend type associated with device type {tensor.device.type}")
+            host = tensor.cpu()
+            real_all_reduce(host)  # the values really are summed across the processes, over gloo
+            tensor.copy_(host)
+
+        dist.all_reduce = recorded
+        if simulate_nccl:
+            dist.get_backend = lambda group=None: "nccl"
+        sums = MetricSums(3)
+        sums.total += rank + 1
+        sums.by_category[rank % 3] += 1
+        try:
+            sums.reduce()
+            results.put({"rank": rank, "seen": seen, "total": sums.total.tolist(),
+                         "by_category": sums.by_category.tolist(), "device": sums.total.device.type})
+        except Exception as e:  # reported to the test, which decides
+            results.put({"rank": rank, "seen": seen, "error": f"{type(e).__name__}: {e}"})
+    finally:
+        dist.destroy_process_group()
+
+
+def _run_group(tmp_path, world: int, backend: str, simulate_nccl: bool) -> list[dict]:
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    init_file = str(tmp_path / f"pg-{backend}-{simulate_nccl}")
+    procs = [ctx.Process(target=_reduce_in_group, args=(r, world, backend, simulate_nccl, init_file, results))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    out = sorted((results.get(timeout=240) for _ in procs), key=lambda r: r["rank"])
+    for p in procs:
+        p.join(timeout=60)
+    return out
+
+
+def test_metric_sums_reduce_on_the_backends_device_simulated_nccl(tmp_path):
+    """There is no GPU here, so this SIMULATES NCCL's device check; it does not run NCCL.
+
+    A real 2-process gloo group. First as gloo: reduce hands all_reduce a CPU tensor and gets the
+    sums of both ranks back. Then the group presents itself as NCCL (`get_backend` says "nccl")
+    and all_reduce refuses non-CUDA tensors as NCCL does ("No backend type associated with device
+    type cpu", what every multi-GPU run hit at its first logged step): reduce must put the tensor
+    on CUDA first. On a CPU-only torch that move itself fails ("Torch not compiled with CUDA"),
+    which shows reduce asked for the backend's device; with CUDA present it completes. The real
+    NCCL run is test_metric_sums_reduce_over_real_nccl (gpu)."""
+    for rank in _run_group(tmp_path, 2, "gloo", simulate_nccl=False):
+        assert rank["seen"] == ["cpu"]
+        assert rank["total"] == [3.0] * 8  # 1 + 2: both ranks' sums
+        assert rank["by_category"] == [[1.0] * 3, [1.0] * 3, [0.0] * 3]
+        assert rank["device"] == "cpu"
+    for rank in _run_group(tmp_path, 2, "gloo", simulate_nccl=True):
+        assert "No backend type associated" not in rank.get("error", ""), rank
+        if torch.cuda.is_available():
+            assert rank["seen"] == ["cuda"] and rank["total"] == [3.0] * 8 and rank["device"] == "cpu"
+        else:
+            assert rank["seen"] == [] and "Torch not compiled with CUDA" in rank["error"], rank
+
+
+@pytest.mark.gpu
+def test_metric_sums_reduce_over_real_nccl(tmp_path):
+    """A 1-process NCCL group on the GPU: reduce runs its collective (at world size 1 too) on a
+    CUDA tensor and leaves the sums on the host."""
+    (rank,) = _run_group(tmp_path, 1, "nccl", simulate_nccl=False)
+    assert "error" not in rank, rank
+    assert rank["seen"] == ["cuda"] and rank["total"] == [1.0] * 8 and rank["device"] == "cpu"
+    assert rank["by_category"] == [[1.0] * 3, [0.0] * 3, [0.0] * 3]
+

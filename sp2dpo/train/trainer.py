@@ -220,9 +220,13 @@ class MetricSums:
         import torch
         import torch.distributed as dist
 
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            flat = torch.cat([self.total, self.by_category.flatten()])
+        # At world size 1 too: one code path, which a single-GPU NCCL test exercises.
+        if dist.is_available() and dist.is_initialized():
+            # NCCL reduces only CUDA tensors, gloo CPU ones; the sums live on the host between steps.
+            device = torch.device("cuda") if dist.get_backend() == "nccl" else torch.device("cpu")
+            flat = torch.cat([self.total, self.by_category.flatten()]).to(device)
             dist.all_reduce(flat)
+            flat = flat.cpu()
             self.total = flat[: len(self.FIELDS)]
             self.by_category = flat[len(self.FIELDS):].view_as(self.by_category)
 
