@@ -328,3 +328,37 @@ def test_metric_sums_reduce_over_real_nccl(tmp_path):
     assert rank["seen"] == ["cuda"] and rank["total"] == [1.0] * 8 and rank["device"] == "cpu"
     assert rank["by_category"] == [[1.0] * 3, [0.0] * 3, [0.0] * 3]
 
+
+def test_train_passes_hub_settings_through_and_never_forces_them(sample_with_ref, tiny_model_dir, ray_local,
+                                                                 tmp_path, monkeypatch):
+    """The Ray Train workers get HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE only when the driver has
+    them set (a cluster that reaches the hub keeps reaching it)."""
+    import ray.train.torch
+
+    from sp2dpo.train.trainer import train
+
+    worker_env = []
+
+    class Stop(Exception):
+        pass
+
+    class CapturingTrainer:
+        def __init__(self, *args, run_config, **kwargs):
+            worker_env.append(run_config.worker_runtime_env["env_vars"])
+
+        def fit(self):
+            raise Stop
+
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", CapturingTrainer)
+    _, pairs, _, ref_artifact = sample_with_ref
+    cfg = _cfg(tiny_model_dir, pairs, ref_artifact, tmp_path)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    with pytest.raises(Stop):
+        train(cfg, show_progress=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    with pytest.raises(Stop):
+        train(cfg, show_progress=False)
+    assert "HF_HUB_OFFLINE" not in worker_env[0] and "TRANSFORMERS_OFFLINE" not in worker_env[0]
+    assert worker_env[1]["HF_HUB_OFFLINE"] == "0" and worker_env[1]["TRANSFORMERS_OFFLINE"] == "1"

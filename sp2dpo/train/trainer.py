@@ -545,7 +545,8 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> dict[str, Any]:
     storage = cfg.storage_path or f"{cfg.output_dir.rstrip('/')}/ray"
     if "://" not in storage:
         storage = os.path.abspath(storage)
-    env = {k: os.environ.get(k, "1") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    # Hub access is the cluster's setting: pass the driver's choice through, never force one.
+    env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") if k in os.environ}
     env["TOKENIZERS_PARALLELISM"] = "false"
     trainer = TorchTrainer(
         train_loop_per_worker,
