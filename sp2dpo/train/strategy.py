@@ -18,6 +18,7 @@ resumed from a checkpoint continues exactly where it stopped.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -159,6 +160,10 @@ class TorchStrategy:
                         "scheduler": self.scheduler.state_dict() if self.scheduler else None},
                        os.path.join(directory, "torch_state.pt"))
 
+    def needs_file(self, name: str) -> bool:
+        """Whether resuming reads checkpoint file `name`: every rank loads rank 0's whole state."""
+        return True
+
     def load_checkpoint(self, directory: str) -> None:
         state = torch.load(os.path.join(directory, "torch_state.pt"), map_location=self.device, weights_only=True)
         self.module.load_state_dict(state["model"])
@@ -199,6 +204,15 @@ class DeepSpeedStrategy:
     def save_checkpoint(self, directory: str) -> None:
         # Every rank writes its own ZeRO shard; Ray Train merges the workers' directories.
         self.model.save_checkpoint(directory, tag=self.TAG)
+
+    def needs_file(self, name: str) -> bool:
+        """Whether resuming reads checkpoint file `name`: the shared files and this rank's own ZeRO
+        shards (`[bf16_]zero_pp_rank_<dp rank>_mp_rank_..`), not the other ranks'. No model
+        parallelism here, so the dp rank is the rank."""
+        # An elastic ZeRO checkpoint is re-partitioned on load: every rank reads every shard.
+        elastic = self.cfg.deepspeed_config.get("zero_optimization", {}).get("elastic_checkpoint", False)
+        shard = re.match(r"(?:bf16_)?zero_pp_rank_(\d+)_", os.path.basename(name))
+        return elastic or shard is None or int(shard.group(1)) == self.rank
 
     def load_checkpoint(self, directory: str) -> None:
         path, _ = self.model.load_checkpoint(directory, tag=self.TAG)

@@ -32,14 +32,17 @@ import json
 import math
 import os
 import resource
+import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Iterator, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sp2dpo.config import StageConfig
+from sp2dpo.storage import absolute, is_uri, join_uri, read_json, upload_dir, write_json
 
 OTHER = "other"
 
@@ -280,7 +283,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     state: dict[str, Any] = {"step": 0, "history": [], "totals": None, "resumed_from": [], "train_seconds": 0.0}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
-        with checkpoint.as_directory() as directory:
+        with rank_checkpoint_dir(checkpoint, strategy.needs_file) as directory:
             strategy.load_checkpoint(directory)
             state = json.loads(Path(directory, "trainer_state.json").read_text())
         state["resumed_from"].append(state["step"])
@@ -289,7 +292,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         run_totals.total = torch.tensor(state["totals"]["total"], dtype=torch.float64)
         run_totals.by_category = torch.tensor(state["totals"]["by_category"], dtype=torch.float64)
 
-    loggers = _Loggers(cfg, rank) if rank == 0 else None
+    # Libraries write plain files: on object storage the outputs are made here and uploaded at the end.
+    local_out = tempfile.mkdtemp(prefix="sp2dpo-out-") if is_uri(cfg.output_dir) else cfg.output_dir
+    loggers = _Loggers(cfg, local_out) if rank == 0 else None
     strategy.model.train()
     window = MetricSums(len(categories))
     with progress_bar(plan.total_steps, "train", disable=rank != 0 or not loop_config.get("show_progress")) as bar:
@@ -334,15 +339,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 ray.train.report(metrics)
 
     # The final model: a plain HF directory (ZeRO-3 gathers the shards to rank 0 here).
-    staging = tempfile.mkdtemp(prefix="sp2dpo-final-") if "://" in cfg.output_dir else cfg.output_dir
-    strategy.save_hf(os.path.join(staging, "model"), tokenizer)
+    strategy.save_hf(os.path.join(local_out, "model"), tokenizer)
     if rank == 0:
-        summary = _summary(cfg, state, run_totals, categories, plan, world)
-        _write_outputs(staging, summary, state["history"])
+        _write_outputs(local_out, state["history"])
         if loggers:
-            loggers.close(summary)
-        if staging != cfg.output_dir:
-            _upload(staging, cfg.output_dir)
+            loggers.close()
+        if local_out != cfg.output_dir:
+            upload_dir(local_out, cfg.output_dir)
+        # Written last: a run's outputs are complete once its summary is there.
+        write_json(join_uri(cfg.output_dir, "training_summary.json"),
+                   _summary(cfg, state, run_totals, categories, plan, world))
+    if local_out != cfg.output_dir:
+        shutil.rmtree(local_out, ignore_errors=True)
 
 
 def _lr(strategy: Any) -> float:
@@ -354,6 +362,30 @@ def _maybe_fail(cfg: TrainConfig, step: int, rank: int) -> None:
     if fault and step == fault.step and rank == fault.rank and not os.path.exists(fault.marker):
         Path(fault.marker).write_text(f"worker {rank} killed before step {step}\n")
         os._exit(1)  # no cleanup, no exception: as if the process were killed
+
+
+@contextmanager
+def rank_checkpoint_dir(checkpoint: Any, needed: Callable[[str], bool]) -> Iterator[str]:
+    """A local directory holding the checkpoint files this rank loads (`needed(relative_path)`).
+
+    On object storage only those files are fetched: a ZeRO rank reads its own shards, while
+    `checkpoint.as_directory()` would download every rank's to every worker. A checkpoint on a
+    local or shared disk is read in place."""
+    import pyarrow.fs as pafs
+
+    fs, root = checkpoint.filesystem, checkpoint.path.rstrip("/")
+    if isinstance(fs, pafs.LocalFileSystem):
+        yield root
+        return
+    local = pafs.LocalFileSystem()
+    with tempfile.TemporaryDirectory(prefix="sp2dpo-resume-") as directory:
+        for f in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
+            relative = f.path[len(root) + 1:]
+            if f.type == pafs.FileType.File and needed(relative):
+                target = os.path.join(directory, relative)
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                pafs.copy_files(f.path, target, source_filesystem=fs, destination_filesystem=local)
+        yield directory
 
 
 def _report_with_checkpoint(strategy: Any, state: dict, metrics: dict, rank: int) -> None:
@@ -393,7 +425,7 @@ def _summary(cfg: TrainConfig, state: dict, run: MetricSums, categories: tuple[s
         "resumed_from_steps": state["resumed_from"],
         "peak_rss_mb_rank0": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "peak_cuda_mb_rank0": _peak_cuda_mb() if cfg.use_gpu else None,
-        "model_dir": f"{cfg.output_dir.rstrip('/')}/model",
+        "model_dir": join_uri(cfg.output_dir, "model"),
         "config_hash": cfg.config_hash(),
     }
 
@@ -404,9 +436,9 @@ def _peak_cuda_mb() -> float:
     return round(torch.cuda.max_memory_allocated() / 2**20, 1)
 
 
-def _write_outputs(directory: str, summary: dict, history: list[dict]) -> None:
+def _write_outputs(directory: str, history: list[dict]) -> None:
+    """metrics.jsonl and the curves, in a local directory (`directory` is never a URI)."""
     Path(directory).mkdir(parents=True, exist_ok=True)
-    Path(directory, "training_summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
     with open(Path(directory, "metrics.jsonl"), "w") as f:
         for row in history:
             f.write(json.dumps(row) + "\n")
@@ -436,31 +468,17 @@ def plot_curves(history: list[dict], path: str) -> None:
     plt.close(fig)
 
 
-def _upload(local_dir: str, uri: str) -> None:
-    import pyarrow.fs as pafs
-
-    from sp2dpo.storage import filesystem_and_path
-
-    fs, path = filesystem_and_path(uri)
-    fs.create_dir(path, recursive=True)
-    pafs.copy_files(local_dir, path, destination_filesystem=fs)
-
-
 class _Loggers:
     """TensorBoard (default), and MLflow / W&B when configured and installed; rank 0 only."""
 
-    def __init__(self, cfg: TrainConfig, rank: int):
+    def __init__(self, cfg: TrainConfig, local_out: str):
         import importlib.util
 
         self.tb = self.mlflow = self.wandb = None
-        self.local_tb = None
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            remote = "://" in cfg.output_dir
-            self.local_tb = tempfile.mkdtemp(prefix="sp2dpo-tb-") if remote else os.path.join(cfg.output_dir, "tensorboard")
-            self.tb = SummaryWriter(self.local_tb)
-            self.tb_target = f"{cfg.output_dir.rstrip('/')}/tensorboard" if remote else None
+            self.tb = SummaryWriter(os.path.join(local_out, "tensorboard"))
         if cfg.mlflow_tracking_uri and importlib.util.find_spec("mlflow"):
             import mlflow
 
@@ -485,11 +503,9 @@ class _Loggers:
         if self.wandb:
             self.wandb.log(scalars, step=step)
 
-    def close(self, summary: dict) -> None:
+    def close(self) -> None:
         if self.tb:
             self.tb.close()
-            if self.tb_target:
-                _upload(self.local_tb, self.tb_target)
         if self.mlflow:
             self.mlflow.end_run()
         if self.wandb:
@@ -515,7 +531,7 @@ def prepare_artifact(cfg: TrainConfig, show_progress: bool = True) -> TrainConfi
             raise ArtifactError(f"{cfg.artifact} has no reference log-probs: run `sp2dpo train reference` "
                                 "or set compute_reference=true")
         ref_cfg = ReferenceConfig(artifact=cfg.artifact, pairs=cfg.pairs, model=cfg.reference_id(),
-                                  max_length=cfg.max_length, out=f"{cfg.output_dir.rstrip('/')}/beta_ref.parquet",
+                                  max_length=cfg.max_length, out=join_uri(cfg.output_dir, "beta_ref.parquet"),
                                   engine="ray" if (cfg.num_workers > 1 or cfg.use_gpu) else "local",
                                   num_workers=cfg.num_workers, num_gpus=1.0 if cfg.use_gpu else 0.0,
                                   shared_prompt=cfg.shared_prompt)
@@ -532,19 +548,16 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> dict[str, Any]:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from sp2dpo.storage import filesystem_and_path
     from sp2dpo.utils import init_ray
 
     t0 = time.perf_counter()
     # Ray Train workers run in their own working directory: local paths must be absolute.
-    local = {k: os.path.abspath(v) for k in ("artifact", "pairs", "output_dir", "model", "reference_model")
-             if (v := getattr(cfg, k)) and "://" not in v and (k in ("artifact", "pairs", "output_dir") or os.path.exists(v))}
+    local = {k: absolute(v) for k in ("artifact", "pairs", "output_dir", "model", "reference_model")
+             if (v := getattr(cfg, k)) and not is_uri(v) and (k in ("artifact", "pairs", "output_dir") or os.path.exists(v))}
     cfg = cfg.model_copy(update=local)
     cfg = prepare_artifact(cfg, show_progress)
     init_ray()
-    storage = cfg.storage_path or f"{cfg.output_dir.rstrip('/')}/ray"
-    if "://" not in storage:
-        storage = os.path.abspath(storage)
+    storage = absolute(cfg.storage_path or join_uri(cfg.output_dir, "ray"))
     # Hub access is the cluster's setting: pass the driver's choice through, never force one.
     env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") if k in os.environ}
     env["TOKENIZERS_PARALLELISM"] = "false"
@@ -564,9 +577,10 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> dict[str, Any]:
     result = trainer.fit()
     if result.error:
         raise RuntimeError(f"training failed: {result.error}")
-    fs, path = filesystem_and_path(f"{cfg.output_dir.rstrip('/')}/training_summary.json")
-    with fs.open_input_stream(path) as f:
-        summary = json.loads(f.read())
-    summary.update({"artifact": cfg.artifact, "checkpoint": result.checkpoint.path if result.checkpoint else None,
+    summary = read_json(join_uri(cfg.output_dir, "training_summary.json"))
+    checkpoint = result.checkpoint.path if result.checkpoint else None
+    if checkpoint and is_uri(storage):  # pyarrow paths carry no scheme
+        checkpoint = f"{storage.split('://', 1)[0]}://{checkpoint}"
+    summary.update({"artifact": cfg.artifact, "checkpoint": checkpoint,
                     "output_dir": cfg.output_dir, "wall_seconds": round(time.perf_counter() - t0, 2)})
     return summary
