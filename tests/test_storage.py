@@ -259,10 +259,12 @@ def test_serve_a_student_saved_on_s3(s3, ray_local, tiny_model_dir):
 
 @pytest.mark.slow
 @pytest.mark.timeout(2400)
-def test_demo_pipeline_with_run_dir_on_s3(s3, tmp_path, monkeypatch):
+def test_demo_pipeline_with_run_dir_on_s3(s3, tmp_path, monkeypatch, tiny_model_dir):
     """`sp2dpo pipeline --config demo --set run_dir=s3://...` (scaled down): every stage's outputs
     are on the S3 server, nothing lands on the local disk, and a rerun finds every stage done.
-    An API key is set for the served students and judge: the evaluate stage must send it."""
+    An API key is set for the served students and judge: the evaluate stage must send it. The
+    students start from the tiny model: moto serves a 0.5 GB SmolLM2 checkpoint at a few MB/s, and
+    the bytes are not what this test is about (the judge is still the bundled SmolLM2)."""
     import subprocess
     import sys
 
@@ -270,7 +272,8 @@ def test_demo_pipeline_with_run_dir_on_s3(s3, tmp_path, monkeypatch):
     run_dir = s3.new_prefix("demo")
     command = [str(Path(sys.executable).parent / "sp2dpo"), "pipeline", "--config", "demo", "--json",
                "--set", f"run_dir={run_dir}", "--set", "data.limit=6", "--set", "data.max_tokens=200",
-               "--set", "train.max_length=256", "--set", "evaluate.limit=2", "--set", "evaluate.max_tokens=16"]
+               "--set", "train.max_length=256", "--set", f"train.model={tiny_model_dir}",
+               "--set", "evaluate.limit=2", "--set", "evaluate.max_tokens=16"]
     env = {**os.environ, "SP2DPO_API_KEY": "demo-key-for-the-served-models"}
     proc = subprocess.run(command, capture_output=True, text=True, timeout=1800, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
