@@ -1,5 +1,11 @@
 """Jobs submitted with `ray job submit` to a real two-node Ray cluster started on this machine
-(tests/cluster_harness.py), as on a cluster: the repository is the uploaded working dir."""
+(tests/cluster_harness.py), as on a cluster: the repository is the uploaded working dir.
+
+The `shared_nothing_cluster` tests go one step closer to a real cluster: the second node lives in a
+mount namespace of its own where the head's temp dirs and caches are covered by private tmpfs
+mounts, the head holds 1 CPU and the worker 2 (so the work lands on the worker), and the run dir
+is on a real S3 API server (moto, tests/s3_server.py): the stages can only meet through S3 and Ray.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from cluster_harness import local_cluster  # noqa: F401  (the fixture)
+from cluster_harness import LocalCluster, free_port, local_cluster  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -148,3 +154,253 @@ def test_demo_pipeline_job_on_two_nodes_writes_every_stage(local_cluster, tmp_pa
     assert (path["compare"] / "comparison.md").exists() and (path["compare"] / "comparison.png").exists()
     for name in stages:
         assert (path[name] / "_SUCCESS.json").exists(), name
+
+
+# ----------------------------------------------------------------------------- shared nothing
+
+
+@pytest.fixture(scope="module")
+def shared_nothing_cluster(s3):
+    """Head: 1 CPU; worker: 2 CPUs, the custom resource `worker_node`, no view of the head's disk
+    (its own /tmp, HOME and model cache); both nodes and every job driver reach the S3 server."""
+    with LocalCluster(shared_nothing=True, head_cpus=1, worker_cpus=2, env=s3.env, object_store_mb=300) as cluster:
+        yield cluster
+
+
+LOOK = """
+import json, os, sys, tempfile
+import pyarrow.fs as pafs
+import ray
+
+test_file, uri, head_log = sys.argv[1:4]
+ray.init()
+own = os.path.join(tempfile.mkdtemp(prefix="sp2dpo-head-only-"), "written-by-driver.txt")
+with open(own, "w") as f:
+    f.write("head")
+fs, key = pafs.FileSystem.from_uri(uri + "/from-driver.txt")
+with fs.open_output_stream(key) as f:
+    f.write(b"written on the head, through S3")
+
+def look(paths, uri):
+    import sp2dpo.storage as storage
+    fs, key = pafs.FileSystem.from_uri(uri + "/from-driver.txt")
+    with fs.open_input_stream(key) as f:
+        body = f.read().decode()
+    out, key = pafs.FileSystem.from_uri(uri + "/from-worker.txt")
+    with out.open_output_stream(key) as f:
+        f.write(b"written on the worker, through S3")
+    return {"node": ray.get_runtime_context().get_node_id(), "sees": {p: os.path.exists(p) for p in paths},
+            "s3_body": body, "home": os.environ.get("HOME"), "cache": str(storage.cache_root()),
+            "tmp": tempfile.gettempdir()}
+
+paths = [own, os.path.dirname(own), test_file, os.path.dirname(test_file), head_log]
+task = ray.remote(resources={"worker_node": 1}, num_cpus=1)(look).remote(paths, uri)
+print(json.dumps({"driver": ray.get_runtime_context().get_node_id(),
+                  "driver_sees": {p: os.path.exists(p) for p in paths}, "worker": ray.get(task)}))
+"""
+
+
+def test_shared_nothing_worker_sees_only_s3_not_the_heads_disk(shared_nothing_cluster, s3, tmp_path):
+    cluster = shared_nothing_cluster
+    test_file = tmp_path / "written-by-the-test.txt"
+    test_file.write_text("test")
+    uri = s3.new_prefix("shared-nothing")
+    # head.log: the harness's log of the head, in the head's Ray temp dir (the worker's Ray temp
+    # dir has the same path, on its own tmpfs).
+    proc = cluster.submit(["python", "-c", LOOK, str(test_file), uri, str(Path(cluster.temp_dir) / "head.log")])
+    _check(proc)
+    seen = _summary(proc)
+    nodes = cluster.alive_nodes()
+    head = next(n["node_id"] for n in nodes if n["is_head_node"])
+    worker = next(n["node_id"] for n in nodes if n["resources_total"].get("worker_node") == 1)
+    assert seen["driver"] == head and seen["worker"]["node"] == worker
+    # The driver on the head sees its own file, the test's tmp dir and the head's log ...
+    assert all(seen["driver_sees"].values()), seen
+    # ... the task on the worker sees none of them, but reads (and writes) S3.
+    assert not any(seen["worker"]["sees"].values()), seen
+    assert seen["worker"]["s3_body"] == "written on the head, through S3"
+    assert s3.keys(uri) == ["from-driver.txt", "from-worker.txt"]
+    # Its own HOME, temp dir and sp2dpo cache, on its private tmpfs.
+    assert seen["worker"]["home"].startswith("/tmp/sp2dpo-node/") and seen["worker"]["cache"].startswith("/tmp/sp2dpo-node/")
+    assert seen["worker"]["tmp"].startswith("/tmp/sp2dpo-node/")
+    assert not Path(seen["worker"]["home"]).exists()  # and nothing of it shows on the head
+
+
+@pytest.fixture(scope="module")
+def tiny_student_on_s3(s3, tiny_model_dir):
+    """The tiny random student, uploaded to S3: the worker node cannot read the head's model
+    cache, so the model travels as it would on a cluster (each node stages its own copy). Tiny,
+    because moto serves a 0.5 GB SmolLM2 checkpoint at a few MB/s and checkpoints of 1.6 GB
+    (weights + AdamW state) grow its memory by GBs; the judge is still the bundled SmolLM2,
+    which the worker converts for itself."""
+    from sp2dpo.storage import upload_dir
+
+    uri = s3.new_prefix("models") + "/tiny-student"
+    upload_dir(str(tiny_model_dir), uri)
+    return uri
+
+
+def _demo_command(run_dir: str, student: str, *extra: str) -> list[str]:
+    overrides = [f"run_dir={run_dir}", f"train.model={student}", "data.limit=6", "data.max_tokens=200", "teachers=[{teacher: ratings}]",
+                 "train.max_length=256", "evaluate_base=true", "evaluate.limit=2", "evaluate.max_tokens=16",
+                 f"serve.port={free_port()}", *extra]
+    command = ["python", "jobs/pipeline.py", "--config", "demo", "--json"]
+    for item in overrides:
+        command += ["--set", item]
+    return command
+
+
+def _run_job(cluster: LocalCluster, s3, command: list[str], run_dir: str, timeout: float, job_id: str | None = None,
+             until=None, poll_s: float = 3):
+    """Submit without waiting, then poll: print each stage dir as it appears on S3 (`-s`), stop
+    polling when the job ends, when `until(stage dirs → keys)` returns something (then that is
+    returned; the job still runs) or at `timeout`. Returns (status line, `ray job logs`, until's value)."""
+    job_id = job_id or f"sp2dpo-s3-{time.time_ns() % 10**10}"
+    _check(cluster.submit(command, wait=False, submission_id=job_id))
+    t0, seen, deadline = time.monotonic(), set(), time.monotonic() + timeout
+    while True:
+        stages = _stage_keys(s3.keys(run_dir))
+        for name in sorted(set(stages) - seen):
+            print(f"  +{time.monotonic() - t0:6.0f} s  {name}", flush=True)
+        seen |= set(stages)
+        if until is not None and (found := until(stages)):
+            return "RUNNING", "", found
+        status = cluster.job_status(job_id)
+        if status in ("SUCCEEDED", "FAILED", "STOPPED"):
+            return status, cluster.job("logs", job_id).stdout, None
+        if time.monotonic() > deadline:
+            logs = cluster.job("logs", job_id).stdout
+            cluster.job("stop", job_id)
+            raise AssertionError(f"job {job_id} still running after {timeout:.0f} s; stages on S3: "
+                                 f"{sorted(seen)}\n{logs[-6000:]}")
+        time.sleep(poll_s)
+
+
+def _job_summary(status: str, logs: str) -> dict:
+    assert status == "SUCCEEDED", f"job did not succeed: {status}\n{logs[-6000:]}"
+    lines = [line for line in logs.splitlines() if line.startswith("{")]
+    assert lines, f"no JSON summary in the job logs:\n{logs[-4000:]}"
+    return json.loads(lines[-1])
+
+
+def _read_json(uri: str):
+    import pyarrow.fs as pafs
+
+    fs, key = pafs.FileSystem.from_uri(uri)
+    with fs.open_input_stream(key) as f:
+        return json.loads(f.read())
+
+
+def _rows(uri: str) -> int:
+    import pyarrow.fs as pafs
+
+    fs, key = pafs.FileSystem.from_uri(uri)
+    return pq.read_table(key, filesystem=fs).num_rows
+
+
+def _stage_keys(keys: list[str]) -> dict[str, list[str]]:
+    """S3 keys under the run dir → {stage dir name: keys inside it}."""
+    out: dict[str, list[str]] = {}
+    for key in keys:
+        top, _, rest = key.partition("/")
+        if rest:
+            out.setdefault(top, []).append(rest)
+    return out
+
+
+@pytest.mark.timeout(3600)
+def test_demo_pipeline_on_shared_nothing_nodes_with_the_run_dir_on_s3(shared_nothing_cluster, s3, tiny_student_on_s3):
+    """The scaled-down demo (as test_demo_pipeline_job_on_two_nodes_writes_every_stage, students
+    from the tiny model on S3) submitted to the shared-nothing cluster with run_dir on S3: every
+    output is checked on the S3 server itself, never on a local disk; the wall time of each stage
+    is printed (`-s`)."""
+    run_dir = s3.new_prefix("demo")
+    t0 = time.monotonic()
+    status, logs, _ = _run_job(shared_nothing_cluster, s3, _demo_command(run_dir, tiny_student_on_s3), run_dir,
+                                timeout=3300)
+    wall = time.monotonic() - t0
+    summary = _job_summary(status, logs)
+    stages = summary["stages"]
+    order = [s["name"] for s in _read_json(f"{run_dir}/pipeline.json")["stages"]]
+    print("STAGE_SECONDS", json.dumps({name: stages[name]["seconds"] for name in order}), f"job_wall={wall:.0f}")
+    assert summary["complete"] == [] and len(summary["ran"]) == 9, summary
+    assert all(s["path"].startswith(run_dir + "/") for s in stages.values()), stages
+    keys = s3.keys(run_dir)
+    by_stage = _stage_keys(keys)
+    name_of = {s["path"][len(run_dir) + 1:]: name for name, s in stages.items()}
+    assert set(name_of) <= set(by_stage), (sorted(name_of), sorted(by_stage))
+    files = {name_of[d]: by_stage[d] for d in name_of}
+    path = {name: s["path"] for name, s in stages.items()}
+    for name in stages:
+        assert "_SUCCESS.json" in files[name], name
+        assert "_ERROR.txt" not in files[name], name
+    assert "pipeline.json" in keys
+    assert _rows(f"{path['data']}/pairs.parquet") == 6
+    assert any(k.endswith(".parquet") for k in files["annotate"])
+    for control in ("semantic", "global", "shuffled"):
+        assert _rows(f"{path['schedule']}/beta-{control}.parquet") == 6
+        import pyarrow.fs as pafs
+
+        fs, key = pafs.FileSystem.from_uri(f"{path['reference']}/beta-{control}.parquet")
+        assert pq.read_table(key, filesystem=fs)["ref_chosen_logps"].null_count == 0
+        train = files[f"train-{control}"]
+        assert "model/config.json" in train and "model/model.safetensors" in train, train
+        assert _read_json(f"{path[f'train-{control}']}/training_summary.json")["steps"] >= 1
+    assert "audit/report.md" in files["schedule"]
+    for run in ("base", "semantic", "global", "shuffled"):
+        assert len(_read_json(f"{path['evaluate']}/{run}/annotations.json")) == 2
+        assert "win_rate" in _read_json(f"{path['evaluate']}/{run}/score.json")
+    assert "comparison.md" in files["compare"] and "comparison.png" in files["compare"]
+    manifest = _read_json(f"{run_dir}/pipeline.json")
+    assert sorted(s["name"] for s in manifest["stages"]) == sorted(stages)
+    assert all(s["status"] == "ran" for s in manifest["stages"]), manifest
+
+
+@pytest.mark.timeout(5400)
+def test_demo_pipeline_stopped_in_training_resumes_from_its_s3_checkpoint(shared_nothing_cluster, s3, tiny_student_on_s3):
+    """Submit the demo up to train-global (run_dir on S3), `ray job stop` it once the first train
+    stage has checkpointed on S3 (checkpoint_every=1: wait for its second checkpoint, so the first
+    is certainly registered), resubmit the same command: the finished stages are skipped (status
+    "complete"), the cut train stage resumes from its Ray Train checkpoint on S3
+    (`resumed_from_steps`), and the run finishes."""
+    cluster = shared_nothing_cluster
+    run_dir = s3.new_prefix("resume")
+    # Up to the second train stage: the cut one resumes, the next one starts fresh after it. The
+    # tiny student takes a step (and an S3 checkpoint) in a few seconds: 12 leave time to stop it.
+    command = _demo_command(run_dir, tiny_student_on_s3, "train.checkpoint_every=1", "train.max_steps=12", "until=train-global")
+    job_id = f"sp2dpo-s3-stop-{time.time_ns() % 10**8}"
+
+    def second_checkpoint(stages: dict[str, list[str]]) -> str | None:
+        for stage_dir, inside in stages.items():
+            if stage_dir.startswith("train-") and "_SUCCESS.json" not in inside and any(
+                    "/step_0000002/" in f"/{k}" for k in inside):
+                return stage_dir
+        return None
+
+    status, logs, cut = _run_job(cluster, s3, command, run_dir, timeout=2400, job_id=job_id, until=second_checkpoint,
+                                  poll_s=1)
+    assert cut, f"the job ended before the first train stage wrote two checkpoints: {status}\n{logs[-6000:]}"
+    stopped_at = time.monotonic()
+    stopped = cluster.job("stop", job_id)
+    assert stopped.returncode == 0, stopped.stderr
+    assert cluster.job_status(job_id) == "STOPPED"
+    before = _read_json(f"{run_dir}/pipeline.json")
+    finished = [s["name"] for s in before["stages"] if s["status"] == "ran"]
+    assert finished[:4] == ["data", "annotate", "schedule", "reference"], finished
+    assert "_SUCCESS.json" not in _stage_keys(s3.keys(run_dir))[cut]
+    ckpts = sorted({part for k in _stage_keys(s3.keys(run_dir))[cut] for part in k.split("/")[:-1]
+                    if part.startswith("step_")})
+    print("CUT", cut, "checkpoints on S3 when stopped:", ckpts)
+
+    status, logs, _ = _run_job(cluster, s3, command, run_dir, timeout=2700)
+    summary = _job_summary(status, logs)
+    cut_name = next(name for name, s in summary["stages"].items() if s["path"].endswith("/" + cut))
+    print("STAGE_SECONDS_RESUMED", json.dumps({n: s["seconds"] for n, s in summary["stages"].items()}),
+          f"resubmitted_after={time.monotonic() - stopped_at:.0f}s")
+    assert summary["complete"] == finished, summary
+    assert set(summary["stages"]) == {"data", "annotate", "schedule", "reference", "train-semantic", "train-global"}
+    assert summary["ran"][0] == cut_name and set(summary["complete"]) | set(summary["ran"]) == set(summary["stages"])
+    training = _read_json(f"{summary['stages'][cut_name]['path']}/training_summary.json")
+    print("RESUMED_FROM_STEPS", training.get("resumed_from_steps"), "steps", training.get("steps"))
+    assert training["resumed_from_steps"] and training["resumed_from_steps"][0] >= 1, training
+    assert training["steps"] == 12
