@@ -99,8 +99,9 @@ def test_pipeline_job_stopped_mid_way_resumes_on_resubmit(local_cluster, tmp_pat
     _check(submitted)
     deadline = time.monotonic() + 300
     while not (flags / "started").exists():
-        status = local_cluster.job("status", job_id).stdout
-        assert "FAILED" not in status and "SUCCEEDED" not in status, local_cluster.job("logs", job_id).stdout
+        # (`ray job status` prints "failed" / "succeeded" in lower case: ask the API instead.)
+        status = local_cluster.job_status(job_id)
+        assert status not in ("FAILED", "SUCCEEDED", "STOPPED"), local_cluster.job("logs", job_id).stdout
         assert time.monotonic() < deadline, "the slow stage never started"
         time.sleep(1)
     stopped = local_cluster.job("stop", job_id)
