@@ -62,8 +62,11 @@ class S3Server:
     def start(self, timeout: float = 60) -> "S3Server":
         server = Path(sys.executable).parent / "moto_server"
         log = open(self.log_path, "wb")
+        # moto builds each multipart upload in memory; glibc's default thresholds then keep the
+        # freed arenas (measured: 9.8 GB over a SmolLM2 demo run, 0.2-0.6 GB with these).
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "1048576", "MALLOC_TRIM_THRESHOLD_": "1048576"}
         self.proc = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(self.port)], stdout=log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+                                     stderr=subprocess.STDOUT, start_new_session=True, env=env)
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:

@@ -149,7 +149,7 @@ def _check_result(result: dict, n: int, label: str) -> None:
                "run_done_after_s": round(result["t_done"] - result["t_start"], 1),
                "node_removed_after_idle_s": round(removed[node["node"]]["t"] - result["t_done"], 1),
                "idle_timeout_s": IDLE_TIMEOUT_MIN * 60,
-               # Nodes of other groups the run also made the autoscaler add (see the xfail test).
+               # Nodes of other groups the run also made the autoscaler add (none expected).
                "other_nodes_added": [{k: v for k, v in e["resources"].items() if k in ("CPU", "GPU", "train_node")}
                                      | {"after_s": round(e["t"] - result["t_start"], 1),
                                         "removed_after_s": round(removed[e["node"]]["t"] - result["t_start"], 1)}
@@ -178,14 +178,10 @@ def test_transformers_annotation_scales_a_gpu_node_up_from_zero_and_down_when_id
     _check(result, n, "transformers")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Ray Data's read_parquet (Ray 2.60) starts 32 `FooterReader` actors of 1 CPU each to read the "
-    "footer of the one small pairs file; a head with fewer free CPUs leaves them pending, and the "
-    "autoscaler, having no CPU-only worker group, adds a `gpu_train` node (8 GPUs in this config, a "
-    "p5.48xlarge in cluster/ray-cluster.aws.yaml) to host them. Remove this marker once the "
-    "annotation stage reads its pairs without that fan-out."))
 def test_annotation_scales_only_the_annotation_group(tmp_path):
-    """The annotation stage should make the autoscaler add annotation nodes only."""
+    """The annotation stage makes the autoscaler add annotation nodes only. (With Ray Data's
+    `read_parquet`, its 32 footer-reading actors of a CPU each made the autoscaler, having no
+    CPU-only group, add a `gpu_train` node — an 8×H100 node in cluster/ray-cluster.aws.yaml.)"""
     n = 4
     config = {"teacher": "transformers", "pool": {"num_gpus": 1, "min_actors": 1, "max_actors": 1, "batch_size": 2},
               "generation": {"max_tokens": 32}}

@@ -4,8 +4,9 @@
     sp2dpo annotate --pairs runs/data --teacher vllm --prompt-version v1-swapped --out runs/ann
 
 The driver works out which pairs still need this (teacher, prompt_version) from the shards
-already in OUT (resume), builds a Ray Data pipeline over the pairs file — `read_parquet` → keep
-the pairs still to do → teacher — and writes the rows as they stream back, in atomic shards
+already in OUT (resume), reads those pairs row group by row group (UltraFeedback's 60k pairs are
+a few hundred MB of text), hands them to Ray Data as blocks → teacher, and writes the rows as they
+stream back, in atomic shards
 (sp2dpo/annotate/store.py). The teacher is a vectorised `map_batches` function for `ratings`,
 and an autoscaling pool of actors, each holding one engine (a `vllm.LLM`, an async OpenAI
 client, or a transformers model), for the LLM teachers.
@@ -134,20 +135,28 @@ def stream_annotations(config: AnnotateConfig, pairs_uri: str, todo: list[str]) 
     init_ray()  # no-op when annotate() already connected
     value_set = pa.array(todo, pa.string())
     fs, path = filesystem_and_path(pairs_uri)
+    # The pairs still to do are read here, a row group at a time, and handed to Ray Data as ready
+    # blocks: `read_parquet` would fan out footer-reading actors of a CPU each, and on a cluster
+    # with no free CPU node those make the autoscaler start a node of whatever group has CPUs (a
+    # training GPU node, in the recipe). Only the teacher's own actors should ask for nodes.
+    columns = RATINGS_COLUMNS if config.teacher == "ratings" else LLM_COLUMNS
+    with fs.open_input_file(path) as f:
+        reader = pq.ParquetFile(f)
+        parts = [_keep(reader.read_row_group(i, columns=columns), value_set) for i in range(reader.num_row_groups)]
+    table = pa.concat_tables(parts) if parts else pa.table({c: [] for c in columns})
     if config.teacher == "ratings":
-        # Three small columns: read them here and hand Ray Data ready blocks (no file listing or
-        # read tasks to schedule), split so every CPU gets a share.
-        table = _keep(pq.read_table(path, filesystem=fs, columns=RATINGS_COLUMNS), value_set)
+        # Three small columns, split so every CPU gets a share.
         step = max(1, min(config.ratings_batch_size, -(-table.num_rows // max(1, _cluster_cpus()))))
         blocks = [table.slice(i, step) for i in range(0, table.num_rows, step)]
         ds = ray.data.from_arrow(blocks).map_batches(
             _ratings, fn_kwargs={"options": config.ratings.model_dump(), "prompt_version": config.resolved_prompt_version},
             batch_format="pyarrow", batch_size=None)
     else:
-        ds = ray.data.read_parquet(path, filesystem=fs, columns=LLM_COLUMNS)
-        ds = ds.map_batches(_keep, fn_kwargs={"value_set": value_set}, batch_format="pyarrow", batch_size=None)
-        ds = ds.map_batches(TeacherActor, fn_constructor_kwargs={"config": config.model_dump()},
-                            batch_format="pyarrow", batch_size=config.pool.batch_size, **_pool_resources(config))
+        step = config.pool.batch_size * 4
+        blocks = [table.slice(i, step) for i in range(0, table.num_rows, step)] or [table]
+        ds = ray.data.from_arrow(blocks).map_batches(
+            TeacherActor, fn_constructor_kwargs={"config": config.model_dump()}, batch_format="pyarrow",
+            batch_size=config.pool.batch_size, **_pool_resources(config))
     yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
 
 
