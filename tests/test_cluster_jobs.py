@@ -227,6 +227,23 @@ def test_shared_nothing_worker_sees_only_s3_not_the_heads_disk(shared_nothing_cl
     assert not Path(seen["worker"]["home"]).exists()  # and nothing of it shows on the head
 
 
+def test_a_run_dir_the_worker_cannot_see_is_refused_before_any_stage(shared_nothing_cluster, tmp_path):
+    """The packaged demo config as a new user submits it: its relative run_dir resolves inside
+    the driver's working dir on the head, which the worker node cannot see. The job fails before
+    the first stage, naming the fix, instead of crashing in stage 2 on the other node."""
+    proc = shared_nothing_cluster.submit(["python", "jobs/pipeline.py", "--config", "demo", "--json"])
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0, output[-3000:]
+    assert "nodes cannot see it" in output and "run_dir=s3://" in output, output[-3000:]
+    assert "[1/9] data" not in output, "refused before any stage started"
+    # A local dir on the head, named absolutely: refused the same way, and left with no stage dir.
+    local = tmp_path / "run"
+    proc = shared_nothing_cluster.submit(["python", "jobs/pipeline.py", "--config", "demo", "--json",
+                                          "--set", f"run_dir={local}"])
+    assert proc.returncode != 0 and "nodes cannot see it" in proc.stdout + proc.stderr
+    assert not any(local.iterdir()), "no stage dir, no probe left behind"
+
+
 @pytest.fixture(scope="module")
 def tiny_student_on_s3(s3, tiny_model_dir):
     """The tiny random student, uploaded to S3: the worker node cannot read the head's model
