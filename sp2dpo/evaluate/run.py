@@ -81,6 +81,22 @@ def _run_all(todo: list[Any], call: Callable[[Any], Awaitable[dict]], partial: P
     return errors
 
 
+def _run_or_raise(todo: list[Any], call: Callable[[Any], Awaitable[dict]], partial: Path, cfg: EvaluateConfig,
+                  description: str, show_progress: bool, client: Any, kept_at: str, requests: str,
+                  results: str) -> tuple[dict[str, dict], float]:
+    """`_run_all`, then every finished row by instruction and the seconds taken; if requests still
+    failed, an error saying how many, that the finished ones are kept (at `kept_at`), and to rerun."""
+    t0 = time.perf_counter()
+    errors = _run_all(todo, call, partial, cfg, description, show_progress, client)
+    seconds = time.perf_counter() - t0
+    done = _read_partial(partial)
+    if errors:
+        raise ValueError(f"{len(errors)} of {len(todo)} {requests} failed after {cfg.max_retries} retries "
+                         f"(first: {errors[0]}); {len(done)} finished {results} are kept in {kept_at}: "
+                         "rerun the same command to resume")
+    return done, seconds
+
+
 def _eval_rows(cfg: EvaluateConfig) -> list[dict]:
     rows = load_eval_set(cfg.eval_set)
     return rows[: cfg.limit] if cfg.limit else rows
@@ -118,14 +134,8 @@ def generate(cfg: EvaluateConfig, show_progress: bool = True) -> dict[str, Any]:
             text = (response.choices[0].message.content or "").strip()
             return {"instruction": row["instruction"], "output": text, "generator": generator, "dataset": row.get("dataset")}
 
-        t0 = time.perf_counter()
-        errors = _run_all(todo, call, partial, cfg, f"generate {generator}", show_progress, client)
-        seconds = time.perf_counter() - t0
-        done = _read_partial(partial)
-        if errors:
-            raise ValueError(f"{len(errors)} of {len(todo)} generation requests failed after {cfg.max_retries} retries "
-                             f"(first: {errors[0]}); {len(done)} outputs are kept in {join_uri(out_uri, partial.name)}: "
-                             "rerun the same command to resume")
+        done, seconds = _run_or_raise(todo, call, partial, cfg, f"generate {generator}", show_progress, client,
+                                      join_uri(out_uri, partial.name), "generation requests", "outputs")
         outputs = [done[r["instruction"]] for r in rows]
         (Path(local) / "model_outputs.json").write_text(json.dumps(outputs, ensure_ascii=False, indent=2), encoding="utf-8")
     return {"model_outputs": join_uri(out_uri, "model_outputs.json"), "generator": generator, "n": len(outputs),
@@ -195,14 +205,8 @@ def judge(cfg: EvaluateConfig, model_outputs: str, show_progress: bool = True) -
                     "annotator": label, "preference": None if math.isnan(preference) else preference,
                     "is_switched_outputs": switched, "seed": cfg.seed, "raw_completion": completion}
 
-        t0 = time.perf_counter()
-        errors = _run_all(todo, call, partial, cfg, f"judge {judge_model}", show_progress, client)
-        seconds = time.perf_counter() - t0
-        cached = _read_partial(partial)
-        if errors:
-            raise ValueError(f"{len(errors)} of {len(todo)} judge requests failed after {cfg.max_retries} retries "
-                             f"(first: {errors[0]}); finished judgments are kept in {join_uri(out_uri, partial.name)}: "
-                             "rerun the same command to resume")
+        cached, seconds = _run_or_raise(todo, call, partial, cfg, f"judge {judge_model}", show_progress, client,
+                                        join_uri(out_uri, partial.name), "judge requests", "judgments")
         annotations = [cached[o["instruction"]] for o in outputs]
         (Path(local) / "annotations.json").write_text(json.dumps(annotations, ensure_ascii=False, indent=2), encoding="utf-8")
     prefs = [a["preference"] for a in annotations if a["preference"] is not None]
