@@ -111,12 +111,6 @@ def delete_file(uri: str) -> None:
     fs.delete_file(path)
 
 
-def delete_dir(uri: str) -> None:
-    fs, path = filesystem_and_path(uri)
-    if fs.get_file_info(path).type == pafs.FileType.Directory:
-        fs.delete_dir(path)
-
-
 # ----------------------------------------------------------------------------- whole files
 
 

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from sp2dpo.storage import read_json, read_parquet
 from cluster_harness import LocalCluster, free_port, local_cluster  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.slow
@@ -301,21 +302,6 @@ def _job_summary(status: str, logs: str) -> dict:
     return json.loads(lines[-1])
 
 
-def _read_json(uri: str):
-    import pyarrow.fs as pafs
-
-    fs, key = pafs.FileSystem.from_uri(uri)
-    with fs.open_input_stream(key) as f:
-        return json.loads(f.read())
-
-
-def _rows(uri: str) -> int:
-    import pyarrow.fs as pafs
-
-    fs, key = pafs.FileSystem.from_uri(uri)
-    return pq.read_table(key, filesystem=fs).num_rows
-
-
 def _stage_keys(keys: list[str]) -> dict[str, list[str]]:
     """S3 keys under the run dir → {stage dir name: keys inside it}."""
     out: dict[str, list[str]] = {}
@@ -339,7 +325,7 @@ def test_demo_pipeline_on_shared_nothing_nodes_with_the_run_dir_on_s3(shared_not
     wall = time.monotonic() - t0
     summary = _job_summary(status, logs)
     stages = summary["stages"]
-    order = [s["name"] for s in _read_json(f"{run_dir}/pipeline.json")["stages"]]
+    order = [s["name"] for s in read_json(f"{run_dir}/pipeline.json")["stages"]]
     print("STAGE_SECONDS", json.dumps({name: stages[name]["seconds"] for name in order}), f"job_wall={wall:.0f}")
     assert summary["complete"] == [] and len(summary["ran"]) == 9, summary
     assert all(s["path"].startswith(run_dir + "/") for s in stages.values()), stages
@@ -353,23 +339,23 @@ def test_demo_pipeline_on_shared_nothing_nodes_with_the_run_dir_on_s3(shared_not
         assert "_SUCCESS.json" in files[name], name
         assert "_ERROR.txt" not in files[name], name
     assert "pipeline.json" in keys
-    assert _rows(f"{path['data']}/pairs.parquet") == 6
+    assert read_parquet(f"{path['data']}/pairs.parquet").num_rows == 6
     assert any(k.endswith(".parquet") for k in files["annotate"])
     for control in ("semantic", "global", "shuffled"):
-        assert _rows(f"{path['schedule']}/beta-{control}.parquet") == 6
+        assert read_parquet(f"{path['schedule']}/beta-{control}.parquet").num_rows == 6
         import pyarrow.fs as pafs
 
         fs, key = pafs.FileSystem.from_uri(f"{path['reference']}/beta-{control}.parquet")
         assert pq.read_table(key, filesystem=fs)["ref_chosen_logps"].null_count == 0
         train = files[f"train-{control}"]
         assert "model/config.json" in train and "model/model.safetensors" in train, train
-        assert _read_json(f"{path[f'train-{control}']}/training_summary.json")["steps"] >= 1
+        assert read_json(f"{path[f'train-{control}']}/training_summary.json")["steps"] >= 1
     assert "audit/report.md" in files["schedule"]
     for run in ("base", "semantic", "global", "shuffled"):
-        assert len(_read_json(f"{path['evaluate']}/{run}/annotations.json")) == 2
-        assert "win_rate" in _read_json(f"{path['evaluate']}/{run}/score.json")
+        assert len(read_json(f"{path['evaluate']}/{run}/annotations.json")) == 2
+        assert "win_rate" in read_json(f"{path['evaluate']}/{run}/score.json")
     assert "comparison.md" in files["compare"] and "comparison.png" in files["compare"]
-    manifest = _read_json(f"{run_dir}/pipeline.json")
+    manifest = read_json(f"{run_dir}/pipeline.json")
     assert sorted(s["name"] for s in manifest["stages"]) == sorted(stages)
     assert all(s["status"] == "ran" for s in manifest["stages"]), manifest
 
@@ -402,7 +388,7 @@ def test_demo_pipeline_stopped_in_training_resumes_from_its_s3_checkpoint(shared
     stopped = cluster.job("stop", job_id)
     assert stopped.returncode == 0, stopped.stderr
     assert cluster.job_status(job_id) == "STOPPED"
-    before = _read_json(f"{run_dir}/pipeline.json")
+    before = read_json(f"{run_dir}/pipeline.json")
     finished = [s["name"] for s in before["stages"] if s["status"] == "ran"]
     assert finished[:4] == ["data", "annotate", "schedule", "reference"], finished
     assert "_SUCCESS.json" not in _stage_keys(s3.keys(run_dir))[cut]
@@ -418,7 +404,7 @@ def test_demo_pipeline_stopped_in_training_resumes_from_its_s3_checkpoint(shared
     assert summary["complete"] == finished, summary
     assert set(summary["stages"]) == {"data", "annotate", "schedule", "reference", "train-semantic", "train-global"}
     assert summary["ran"][0] == cut_name and set(summary["complete"]) | set(summary["ran"]) == set(summary["stages"])
-    training = _read_json(f"{summary['stages'][cut_name]['path']}/training_summary.json")
+    training = read_json(f"{summary['stages'][cut_name]['path']}/training_summary.json")
     print("RESUMED_FROM_STEPS", training.get("resumed_from_steps"), "steps", training.get("steps"))
     assert training["resumed_from_steps"] and training["resumed_from_steps"][0] >= 1, training
     assert training["steps"] == 12
