@@ -43,15 +43,38 @@ def test_near_json_is_repaired_and_flagged(text, repair):
     Annotation(category=p.category, magnitude=p.magnitude, confidence=p.confidence, rationale=p.rationale)
 
 
-def test_out_of_range_values_are_clamped_and_flagged():
-    p = parse_annotation('{"category": "instruction following", "magnitude": 7, "confidence": 1.6, "rationale": "' + "y" * 300 + '"}')
+def test_over_long_rationale_is_cut_and_fractional_magnitude_rounded():
+    p = parse_annotation('{"category": "instruction following", "magnitude": 3, "confidence": 1, "rationale": "' + "y" * 300 + '"}')
     assert p.status == "repaired"
     assert (p.category, p.magnitude, p.confidence, len(p.rationale)) == ("instruction_following", 3, 1.0, 200)
-    assert {"magnitude 7 clamped to 3", "confidence 1.6 clamped to 1", "rationale cut to 200 characters"} <= set(p.repairs)
-    low = parse_annotation('{"category": "style", "magnitude": -2, "confidence": -0.5, "rationale": ""}')
-    assert (low.status, low.magnitude, low.confidence) == ("repaired", 0, 0.0)
+    assert "rationale cut to 200 characters" in p.repairs
     frac = parse_annotation('{"category": "style", "magnitude": 1.6, "confidence": 0.5, "rationale": ""}')
     assert frac.magnitude == 2 and "magnitude 1.6 rounded" in frac.repairs
+
+
+@pytest.mark.parametrize("confidence, expected", [('"85%"', 0.85), ('"0.5%"', 0.005), ('" 100% "', 1.0), ('"0%"', 0.0)])
+def test_confidence_percentage_is_read_as_a_fraction(confidence, expected):
+    p = parse_annotation('{"category": "style", "magnitude": 1, "confidence": ' + confidence + ', "rationale": ""}')
+    assert p.status == "repaired" and p.confidence == pytest.approx(expected)
+    assert any("read as the fraction" in r for r in p.repairs), p.repairs
+
+
+@pytest.mark.parametrize("magnitude, confidence, reason", [
+    ("7", "0.5", "magnitude 7 is outside the scale 0..3"),
+    ("-2", "0.5", "magnitude -2 is outside the scale"),
+    ("3.6", "0.5", "outside the scale"),  # rounds to 4
+    ('"5"', "0.5", "outside the scale"),
+    ('"2%"', "0.5", "not a number"),  # a percentage is no magnitude
+    ("1", "85", "confidence 85 is outside [0, 1]"),  # 85% or a 0-100 scale: not guessed
+    ("1", "1.6", "outside [0, 1]"),
+    ("1", "-0.5", "outside [0, 1]"),
+    ("1", '"150%"', "outside [0, 1]"),
+])
+def test_values_outside_the_scale_fail_instead_of_being_clamped(magnitude, confidence, reason):
+    text = '{"category": "style", "magnitude": ' + magnitude + ', "confidence": ' + confidence + ', "rationale": ""}'
+    p = parse_annotation(text)
+    assert p.status == "failed" and p.magnitude is None and p.confidence is None, p
+    assert any(reason in r for r in p.repairs), p.repairs
 
 
 @pytest.mark.parametrize("text, reason", [

@@ -6,10 +6,12 @@
 - `ok`: the text is exactly one JSON object that validates against `Annotation` as is.
 - `repaired`: the text needed fixes that do not guess at meaning: code fences, text around the
   object, single quotes / Python literals, trailing commas, category spelling ("Instruction
-  Following"), numbers given as strings, a fractional magnitude rounded, out-of-range magnitude or
-  confidence clamped, an over-long rationale cut. Every fix is listed in `repairs`.
-- `failed`: nothing usable (no object, unknown category, a missing field): the reason is kept and
-  the caller stores the raw text, so nothing is silently dropped.
+  Following"), numbers given as strings, a confidence given as a percentage ("85%" → 0.85), a
+  fractional magnitude rounded to the nearest level, an over-long rationale cut. Every fix is
+  listed in `repairs`.
+- `failed`: nothing usable (no object, unknown category, a missing field, a magnitude outside
+  0..3 or a confidence outside [0, 1] — a bare 85 may mean 85% or a 0-100 scale, so it is not
+  guessed): the reason is kept and the caller stores the raw text, so nothing is silently dropped.
 """
 
 from __future__ import annotations
@@ -152,19 +154,28 @@ def _load_object(text: str, repairs: list[str]) -> dict | None:
     return None
 
 
-def _number(value: Any, name: str, repairs: list[str]) -> float | None:
+def _number(value: Any, name: str, repairs: list[str], percent_ok: bool = False) -> float | None:
+    """A finite number from a number or a numeric string; `"85%"` is 0.85 where `percent_ok`."""
     if isinstance(value, bool):
         return None
     if isinstance(value, (int, float)):
         return float(value) if math.isfinite(value) else None
     if isinstance(value, str):
+        text = value.strip()
+        percent = text.endswith("%")
+        if percent and not percent_ok:
+            return None
         try:
-            number = float(value.strip().rstrip("%"))
+            number = float(text[:-1] if percent else text)
         except ValueError:
             return None
         if not math.isfinite(number):
             return None
-        repairs.append(f"{name} given as a string")
+        if percent:
+            number /= 100.0
+            repairs.append(f"{name} {value!r} read as the fraction {number:g}")
+        else:
+            repairs.append(f"{name} given as a string")
         return number
     return None
 
@@ -196,21 +207,18 @@ def _normalise(obj: dict, repairs: list[str]) -> Parsed:
     magnitude = _number(obj["magnitude"], "magnitude", repairs)
     if magnitude is None:
         return failed(f"magnitude {obj['magnitude']!r} is not a number")
+    # Outside the scale is a different scale, not a slip: refuse rather than clamp.
+    if not MAGNITUDE_MIN <= round(magnitude) <= MAGNITUDE_MAX:
+        return failed(f"magnitude {obj['magnitude']!r} is outside the scale {MAGNITUDE_MIN}..{MAGNITUDE_MAX}")
     if magnitude != round(magnitude):
         repairs.append(f"magnitude {magnitude:g} rounded")
     magnitude_int = int(round(magnitude))
-    if not MAGNITUDE_MIN <= magnitude_int <= MAGNITUDE_MAX:
-        clamped = min(max(magnitude_int, MAGNITUDE_MIN), MAGNITUDE_MAX)
-        repairs.append(f"magnitude {magnitude_int} clamped to {clamped}")
-        magnitude_int = clamped
 
-    confidence = _number(obj["confidence"], "confidence", repairs)
+    confidence = _number(obj["confidence"], "confidence", repairs, percent_ok=True)
     if confidence is None:
         return failed(f"confidence {obj['confidence']!r} is not a number")
     if not 0.0 <= confidence <= 1.0:
-        clamped_conf = min(max(confidence, 0.0), 1.0)
-        repairs.append(f"confidence {confidence:g} clamped to {clamped_conf:g}")
-        confidence = clamped_conf
+        return failed(f"confidence {obj['confidence']!r} is outside [0, 1]")
 
     rationale = obj.get("rationale", "")
     if rationale is None:

@@ -92,7 +92,7 @@ ANNOTATIONS_SCHEMA = pa.schema(
         pa.field("confidence", pa.float64()),
         pa.field("rationale", pa.string()),
         pa.field("status", pa.string(), nullable=False),  # ok | repaired | failed
-        pa.field("repairs", pa.string()),  # JSON list of what was repaired/clamped, or the failure reason
+        pa.field("repairs", pa.string()),  # JSON list of what was repaired, or the failure reason
         pa.field("raw_text", pa.string()),  # the teacher's raw output, kept for audit
         pa.field("prompt_tokens", pa.int32()),
         pa.field("completion_tokens", pa.int32()),
