@@ -24,6 +24,7 @@ NOT_ARGS = {
     "route_prefix": "the application's route_prefix",
     "access_log": "logging_config.enable_access_log",
     "startup_timeout_s": "the RayService's health thresholds",
+    "insecure_no_auth": "nowhere: an endpoint on a cluster always needs the key",
 }
 
 

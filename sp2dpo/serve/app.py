@@ -4,13 +4,17 @@
                                    └─handle─▶ ModelDeployment[id] (engine + OpenAI layer), scaled per model
 
 The ingress refuses what it can without a model (401, 413, malformed JSON, wrong types, unknown
-model → 404); the model replica refuses what needs its tokenizer (prompt over the context → 400).
+model → 404, too many prompts → 400); the model replica refuses what needs its tokenizer (prompt
+over the context → 400). A /v1/completions request with several prompts reaches the replicas as
+one request per prompt, so each prompt counts against a replica's `max_ongoing_requests`.
+/health says only that the app is up; what it serves is behind the key (/v1/models).
 A replica answers every request with a status and a body instead of raising, so a bad request
 never looks like a replica failure and never costs a restart.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -50,12 +54,24 @@ class ModelDeployment:
         cfg = ModelConfig.model_validate(model)
         self.engine = build_engine(cfg)
         self.model = OpenAIModel(cfg.id, self.engine, cfg.default_max_tokens)
+        self.prompts_now = self.prompts_peak = 0
 
     def check_health(self) -> None:
         if not self.engine.alive():
             raise RuntimeError("the generation engine stopped")
 
+    def load(self) -> dict[str, int]:
+        """Prompts this replica is generating now, and the most it has held at once."""
+        return {"prompts_now": self.prompts_now, "prompts_peak": self.prompts_peak}
+
+    def _count(self, request: Any, delta: int) -> None:
+        prompt = getattr(request, "prompt", None)
+        n = len(prompt) if isinstance(prompt, list) and prompt and isinstance(prompt[0], str) else 1
+        self.prompts_now += delta * n
+        self.prompts_peak = max(self.prompts_peak, self.prompts_now)
+
     async def respond(self, request: Any) -> tuple[int, dict[str, Any]]:
+        self._count(request, +1)
         try:
             return 200, await self.model.respond(request)
         except APIError as exc:
@@ -63,9 +79,19 @@ class ModelDeployment:
         except Exception as exc:
             log.exception("request failed")
             return 500, error_body(f"internal error: {type(exc).__name__}", "server_error")
+        finally:
+            self._count(request, -1)
 
     async def respond_stream(self, request: Any) -> AsyncIterator[Any]:
         """First item: (status, error body or None); then SSE lines, ending with `data: [DONE]`."""
+        self._count(request, +1)
+        try:
+            async for item in self._stream(request):
+                yield item
+        finally:
+            self._count(request, -1)
+
+    async def _stream(self, request: Any) -> AsyncIterator[Any]:
         chunks = self.model.respond_stream(request)
         try:
             first = await chunks.__anext__()
@@ -114,10 +140,12 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 @serve.deployment(max_ongoing_requests=512)
 @serve.ingress(api)
 class OpenAIIngress:
-    def __init__(self, models: dict[str, Any], api_key_sha256: str | None, max_request_bytes: int):
+    def __init__(self, models: dict[str, Any], api_key_sha256: str | None, max_request_bytes: int,
+                 max_prompts_per_request: int = 16):
         self.models = models
         self.api_key_sha256 = api_key_sha256
         self.max_request_bytes = max_request_bytes
+        self.max_prompts_per_request = max_prompts_per_request
         self.created = int(time.time())
 
     def _authorize(self, request: Request) -> None:
@@ -143,7 +171,7 @@ class OpenAIIngress:
 
     @api.get("/health")
     async def health(self) -> dict[str, Any]:
-        return {"status": "ok", "models": sorted(self.models)}
+        return {"status": "ok"}
 
     @api.get("/v1/models")
     async def list_models(self, request: Request) -> dict[str, Any]:
@@ -166,6 +194,13 @@ class OpenAIIngress:
         if handle is None:
             raise APIError(404, f"The model '{req.model}' does not exist; served: {sorted(self.models)}",
                            param="model", code="model_not_found")
+        prompts = getattr(req, "prompt", None)
+        if isinstance(prompts, list) and prompts and isinstance(prompts[0], str):
+            if len(prompts) > self.max_prompts_per_request:
+                raise APIError(400, f"{len(prompts)} prompts in one request; at most {self.max_prompts_per_request} "
+                               "(the server's max_prompts_per_request)", param="prompt")
+            if not req.stream and len(prompts) > 1:
+                return await self._completions_per_prompt(handle, req)
         if not req.stream:
             status, body = await handle.respond.remote(req)
             return JSONResponse(body, status_code=status)
@@ -176,6 +211,19 @@ class OpenAIIngress:
             return JSONResponse(error, status_code=status)
         return StreamingResponse(stream, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+    async def _completions_per_prompt(self, handle: Any, req: Any) -> JSONResponse:
+        """One replica request per prompt, answered as one response (the first refusal wins)."""
+        results = await asyncio.gather(*(handle.respond.remote(req.model_copy(update={"prompt": p}))
+                                         for p in req.prompt))
+        for status, body in results:
+            if status != 200:
+                return JSONResponse(body, status_code=status)
+        bodies = [body for _, body in results]
+        choices = [{**body["choices"][0], "index": i} for i, body in enumerate(bodies)]
+        usage = {k: sum(body["usage"][k] for body in bodies) for k in bodies[0]["usage"]}
+        return JSONResponse({**bodies[0], "choices": choices, "usage": usage})
 
 
 def deployment_name(model_id: str) -> str:
@@ -200,4 +248,4 @@ def build_app(cfg: ServeConfig, api_key: str | None = None) -> Any:
     """The bound application: `serve.run(build_app(cfg, key), ...)`."""
     handles = {m.id: ModelDeployment.options(**deployment_options(m)).bind(m.model_dump()) for m in cfg.models}
     return OpenAIIngress.options(num_replicas=cfg.ingress_replicas, ray_actor_options={"num_cpus": 0}).bind(
-        handles, key_digest(api_key), cfg.max_request_bytes)
+        handles, key_digest(api_key), cfg.max_request_bytes, cfg.max_prompts_per_request)

@@ -4,6 +4,7 @@
     sp2dpo serve --model sp2dpo=runs/train/final --model base=smollm2 --port 8123
     sp2dpo serve --config serve.yaml                    # blocks; Ctrl-C shuts down cleanly
     sp2dpo serve --config serve.yaml --detach           # on a running cluster (RAY_ADDRESS): deploy, return
+    SP2DPO_API_KEY=... sp2dpo serve --host 0.0.0.0      # beyond loopback only with a key (or --insecure-no-auth)
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ def serve_cmd(
     host: str = typer.Option(None, help="Address the HTTP proxy binds (default 127.0.0.1; 0.0.0.0 for all)."),
     port: int = typer.Option(None, help="HTTP port (default 8000)."),
     api_key_file: str = typer.Option(None, help="File holding the bearer API key (SP2DPO_API_KEY wins when set)."),
+    insecure_no_auth: bool = typer.Option(False, "--insecure-no-auth", help="Serve a non-loopback --host with no API key (anyone reaching the port may use the models)."),
     detach: bool = typer.Option(False, "--detach", help="Deploy on the running cluster (RAY_ADDRESS) and return; the app keeps serving."),
     as_json: bool = JsonOpt,
 ) -> None:
@@ -55,7 +57,7 @@ def serve_cmd(
         fail("--engine applies to --model models; set engine per model in the config instead")
     models = _model_specs(model, engine) if model else None
     cfg = build_config(ServeConfig, config, overrides, "serve", models=models, host=host, port=port,
-                       api_key_file=api_key_file)
+                       api_key_file=api_key_file, insecure_no_auth=insecure_no_auth or None)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if detach and not os.environ.get("RAY_ADDRESS"):
         fail("--detach needs a running cluster: set RAY_ADDRESS (ray job submit does) or drop --detach")
@@ -79,6 +81,7 @@ def _start(cfg, detach: bool) -> dict:
         "models": [m.id for m in cfg.models],
         "engines": {m.id: m.engine for m in cfg.models},
         "auth": "bearer" if resolve_api_key(cfg) else "none",
+        "host": cfg.host,
         "app": cfg.app_name,
         "detached": detach,
         "startup_s": round(time.perf_counter() - t0, 1),

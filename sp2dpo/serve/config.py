@@ -1,6 +1,6 @@
 """`sp2dpo serve` settings: one `ServeConfig` with a `ModelConfig` per served model id.
 
-    host: 0.0.0.0
+    host: 0.0.0.0                        # any address but loopback needs a key (or insecure_no_auth)
     port: 8000
     api_key_env: SP2DPO_API_KEY          # bearer key read from this env var when set
     models:
@@ -83,11 +83,17 @@ class ServeConfig(StageConfig):
     port: int = Field(8000, ge=1, le=65535)
     # No models listed = the bundled SmolLM2-135M-Instruct as `base`.
     models: list[ModelConfig] = Field(default_factory=list)
-    # Bearer key: taken from this env var when it is set, else from api_key_file; neither = open.
+    # Bearer key: taken from this env var when it is set, else from api_key_file; neither = open,
+    # which start_server allows on a loopback host only.
     api_key_env: str = "SP2DPO_API_KEY"
     api_key_file: str | None = None
+    # Serve a non-loopback host with no key anyway (anyone who reaches the port may use the models).
+    insecure_no_auth: bool = False
     # Larger request bodies are refused with 413 before they are parsed.
     max_request_bytes: int = Field(1 << 20, ge=1024)
+    # Prompts in one /v1/completions request; more are refused with 400. Each prompt is sent to
+    # the model replicas as a request of its own, so it counts against max_ongoing_requests.
+    max_prompts_per_request: int = Field(16, ge=1)
     app_name: str = "sp2dpo"
     route_prefix: str = "/"
     ingress_replicas: int = Field(1, ge=1)

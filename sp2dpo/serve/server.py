@@ -7,12 +7,16 @@
 
 from __future__ import annotations
 
+import ipaddress
+import logging
 import os
 import time
 from pathlib import Path
 from typing import Any
 
 from sp2dpo.serve.config import ServeConfig
+
+log = logging.getLogger(__name__)
 
 # What start_server started, so stop_server undoes exactly that and nothing that was already running.
 _STATE: dict[str, Any] = {}
@@ -33,6 +37,29 @@ def resolve_api_key(cfg: ServeConfig) -> str | None:
             raise ValueError(f"api_key_file {path} is empty")
         return key
     return None
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 and `localhost`; anything else (0.0.0.0, a LAN address, a name) is not."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(cfg: ServeConfig, api_key: str | None) -> None:
+    """Refuse to serve a non-loopback host without a key unless insecure_no_auth says so."""
+    if api_key or is_loopback(cfg.host):
+        return
+    if not cfg.insecure_no_auth:
+        raise ValueError(
+            f"host {cfg.host!r} is reachable from other machines and no API key is set: set "
+            f"${cfg.api_key_env} or api_key_file, bind host 127.0.0.1, or pass --insecure-no-auth "
+            "(insecure_no_auth: true) to serve the models to anyone who reaches the port")
+    log.warning("serving %s:%d with no API key (insecure_no_auth): anyone who reaches the port can use the models",
+                cfg.host, cfg.port)
 
 
 def check_model_paths(cfg: ServeConfig) -> None:
@@ -75,8 +102,9 @@ def start_server(cfg: ServeConfig, api_key: str | None = None) -> str:
     from sp2dpo.serve.app import build_app
     from sp2dpo.utils import init_ray
 
-    check_model_paths(cfg)
     key = api_key or resolve_api_key(cfg)
+    check_exposure(cfg, key)
+    check_model_paths(cfg)
     started_ray = not ray.is_initialized()
     init_ray()
     started_serve = not _serve_running()
