@@ -43,6 +43,12 @@ def _build(sample, name, control="semantic", config=POLICIES, annotations=None):
     return summary, table, meta
 
 
+def _build_global(sample, name, beta):
+    out = str(sample["root"] / f"{name}.parquet")
+    build_artifact(sample["pairs"], sample["ann"], out, POLICIES, control="global", global_beta=beta)
+    return (None, *read_artifact(out))
+
+
 def test_artifact_on_the_sample(sample):
     summary, table, meta = _build(sample, "semantic")
     n = sample["n"]
@@ -96,11 +102,21 @@ def test_global_and_shuffled_controls(sample):
     _, sem, _ = _build(sample, "c-semantic")
     _, glob, gmeta = _build(sample, "c-global", control="global")
     _, shuf, smeta = _build(sample, "c-shuffled", control="shuffled")
-    # global: standard DPO, every pair as labelled with beta0.
+    # global: standard DPO with beta0 on exactly the pairs semantic trains (its drops and flips).
     assert gmeta["control"] == "global" and gmeta["shuffle_seed"] is None
-    assert pc.all(pc.equal(glob["beta"], POLICIES.beta0)).as_py()
-    assert not pc.any(glob["dropped"]).as_py() and not pc.any(glob["flipped"]).as_py()
+    assert glob["dropped"].equals(sem["dropped"]) and glob["flipped"].equals(sem["flipped"])
+    assert pc.any(glob["dropped"]).as_py() and pc.any(glob["flipped"]).as_py()
+    kept = pc.invert(glob["dropped"])
+    assert pc.all(pc.equal(glob["beta"].filter(kept), POLICIES.beta0)).as_py()
+    assert glob["beta"].filter(glob["dropped"]).null_count == pc.sum(glob["dropped"]).as_py()
     assert glob["beta_semantic"].equals(sem["beta_semantic"])
+    assert gmeta["beta_stats"]["mean"] == POLICIES.beta0 and gmeta["beta_stats"]["global_beta"] == POLICIES.beta0
+    # A point of a global-β sweep: another β, the same pairs.
+    _, sweep, sweep_meta = _build_global(sample, "c-global-0.01", 0.01)
+    assert pc.all(pc.equal(sweep["beta"].filter(kept), 0.01)).as_py() and sweep["dropped"].equals(sem["dropped"])
+    assert sweep_meta["beta_stats"]["mean"] == pytest.approx(0.01) and sweep_meta["beta_stats"]["global_beta"] == 0.01
+    with pytest.raises(ValueError, match="only for control=global"):
+        build_artifact(sample["pairs"], sample["ann"], str(sample["root"] / "x.parquet"), POLICIES, global_beta=0.01)
     # shuffled: the semantic β values permuted over the same trained pairs.
     assert smeta["control"] == "shuffled" and smeta["shuffle_seed"] == POLICIES.shuffle_seed
     assert shuf["dropped"].equals(sem["dropped"]) and shuf["flipped"].equals(sem["flipped"])
@@ -129,6 +145,88 @@ def test_pairs_without_annotations_get_beta0(sample, tmp_path):
     assert unannotated.sum() == summary["unannotated"] >= sample["n"] - 100
     assert np.all(table["beta"].to_numpy(zero_copy_only=False)[unannotated] == 0.1)
     assert summary["trained"] == sample["n"]  # none silently dropped
+
+
+def _one_teacher(rows):
+    """Annotations for the first pairs of the sample: (category, magnitude, confidence) each."""
+    from sp2dpo.annotate.schema import ANNOTATIONS_SCHEMA
+
+    cols = {name: [None] * len(rows) for name in ANNOTATIONS_SCHEMA.names}
+    cols.update(teacher=["t"] * len(rows), prompt_version=["v"] * len(rows), status=["ok"] * len(rows),
+                category=[r[0] for r in rows], magnitude=[r[1] for r in rows], confidence=[r[2] for r in rows])
+    return cols
+
+
+def _write_annotations(sample, tmp_path, rows):
+    ids = read_parquet(sample["pairs"])["pair_id"].to_pylist()[:len(rows)]
+    cols = _one_teacher(rows)
+    cols["pair_id"] = ids
+    from sp2dpo.annotate.schema import ANNOTATIONS_SCHEMA
+
+    path = tmp_path / "ann"
+    write_parquet(pa.table(cols, schema=ANNOTATIONS_SCHEMA), str(path / "a.parquet"))
+    return str(path)
+
+
+def test_zero_confidence_with_floor_zero_writes_a_finite_artifact(sample, tmp_path):
+    ann = _write_annotations(sample, tmp_path, [("style", 1, 0.0), ("helpfulness", 2, 0.9), ("factuality", 3, 1.0)])
+    cfg = ScheduleConfig(confidence_floor=0.0)
+    summary, table, meta = _build(sample, "zero-conf", config=cfg, annotations=ann)
+    beta = table["beta"].to_numpy(zero_copy_only=False)
+    assert np.all(np.isfinite(beta)) and np.all(beta > 0)
+    assert beta[0] == cfg.beta_min and meta["beta_stats"]["zero_strength_pairs"] == 1
+    assert meta["beta_stats"]["max"] < cfg.beta_max  # the other pairs were not pinned at beta_max
+    verify_artifact(table, read_parquet(sample["pairs"]), meta)
+
+
+def test_build_artifact_never_writes_a_non_finite_beta(sample, tmp_path, monkeypatch):
+    # The last guard, below the schedule's own checks: a schedule that hands back a NaN (as one
+    # did before zero strengths were handled) must not reach the disk. The pure schedule cannot
+    # produce one any more, so a wrapper plants it.
+    import sp2dpo.schedule.artifact as artifact
+
+    real = artifact.schedule_beta
+
+    def planted(*args, **kwargs):
+        sched = real(*args, **kwargs)
+        sched.beta[np.flatnonzero(~sched.dropped)[0]] = np.nan
+        return sched
+
+    monkeypatch.setattr(artifact, "schedule_beta", planted)
+    out = tmp_path / "nan.parquet"
+    for control in ("semantic", "shuffled"):
+        with pytest.raises(ArtifactError, match="non-finite or non-positive"):
+            build_artifact(sample["pairs"], sample["ann"], str(out), POLICIES, control=control)
+    assert not out.exists()
+
+
+def test_unreachable_mean_is_recorded_and_warns_or_refuses(sample, tmp_path):
+    # Mostly noise pinned at beta_min: the mean cannot reach beta0 = 0.1.
+    rows = [("no_real_difference", 0, 1.0)] * 12 + [("style", 1, 0.8), ("helpfulness", 2, 0.9)]
+    ann = _write_annotations(sample, tmp_path, rows)
+    ids = read_parquet(sample["pairs"])["pair_id"].to_pylist()
+    pairs = read_parquet(sample["pairs"]).filter(pc.is_in(pc.field("pair_id"), value_set=pa.array(ids[:14])))
+    pairs_path = str(tmp_path / "pairs.parquet")
+    write_parquet(pairs, pairs_path)
+    cfg = ScheduleConfig()
+    with pytest.warns(UserWarning, match="mean beta is 0.0"):
+        summary = build_artifact(pairs_path, ann, str(tmp_path / "warn.parquet"), cfg)
+    meta = read_artifact(str(tmp_path / "warn.parquet"))[1]
+    stats = meta["beta_stats"]
+    assert stats["semantic_mean_reached"] is False and stats["target_mean"] == 0.1
+    assert stats["mean"] == pytest.approx((12 * 0.025 + 2 * 0.4) / 14) and stats["semantic_mean"] == stats["mean"]
+    assert summary["semantic_mean_reached"] is False and "on_mean_miss" in summary["warnings"][0]
+    refuse = cfg.model_copy(update={"on_mean_miss": "refuse"})
+    with pytest.raises(ValueError, match="raise beta_max, lower beta_min, set noise_policy=drop"):
+        build_artifact(pairs_path, ann, str(tmp_path / "refused.parquet"), refuse)
+    assert not (tmp_path / "refused.parquet").exists()
+    # Dropping the noise leaves a reachable target: no warning, recorded as reached.
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_artifact(pairs_path, ann, str(tmp_path / "dropped.parquet"), refuse.model_copy(update={"noise_policy": "drop"}))
+    assert read_artifact(str(tmp_path / "dropped.parquet"))[1]["beta_stats"]["semantic_mean_reached"] is True
 
 
 # ----------------------------------------------------------------------------- the verifier

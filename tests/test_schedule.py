@@ -155,6 +155,31 @@ def test_mean_rescaling_saturates_when_unreachable():
     assert s.mean_beta == pytest.approx((9 * 0.025 + 0.4) / 10)
 
 
+@pytest.mark.parametrize("rescale", [True, False])
+def test_zero_raw_strength_gets_beta_min_and_never_a_nan(rescale):
+    # confidence 0 with confidence_floor 0 makes h = 0: a raw β of 0, which no rescale factor moves.
+    cats, mags, confs = ["style", "helpfulness", "factuality", "reasoning"], [1, 2, 3, 2], [0.0, 0.5, 1.0, 0.8]
+    s = _beta(cats, mags, confs, confidence_floor=0.0, rescale_mean=rescale)
+    assert np.all(np.isfinite(s.beta)) and np.all(s.beta > 0), s.beta
+    assert s.beta[0] == 0.025 and s.zero_strength == 1
+    # The other pairs are not all pinned at beta_max: the mean still matches beta0 when asked to.
+    assert np.all(s.beta[1:] < 0.4)
+    if rescale:
+        assert s.mean_beta == pytest.approx(0.1, abs=1e-12) and s.mean_reached is True
+    else:
+        assert s.mean_reached is None
+    # Every pair at zero strength: all at beta_min, the mean cannot reach beta0, and that is said.
+    s = _beta(["style", "safety"], [1, 3], [0.0, 0.0], confidence_floor=0.0)
+    assert s.beta.tolist() == [0.025, 0.025] and s.mean_reached is False and np.isfinite(s.rescale_factor)
+
+
+def test_mean_reached_says_when_pinned_pairs_make_beta0_unreachable():
+    s = _beta(["no_real_difference"] * 9 + ["style"], [0] * 9 + [1], [1] * 10)
+    assert s.mean_beta == pytest.approx(0.0625) and s.mean_reached is False
+    reachable = _beta(["no_real_difference", "style", "helpfulness"], [0, 1, 2], [1, 1, 1])
+    assert reachable.mean_reached is True
+
+
 @pytest.mark.parametrize("policy,beta,dropped", [("min_beta", 0.025, False), ("drop", None, True)])
 def test_noise_policy(policy, beta, dropped):
     s = _beta(["no_real_difference", "helpfulness"], [0, 2], [0.9, 0.9], noise_policy=policy, rescale_mean=False)
@@ -230,7 +255,7 @@ DISAGREEING = [
     # p2: one-one tie; style has the larger summed confidence.
     ("p2", "t1", "v1", "safety", 2, 0.4, "ok"),
     ("p2", "t2", "v1", "style", 1, 0.8, "ok"),
-    # p3: exact tie in votes and confidence → the earlier category (safety before style).
+    # p3: exact tie in votes and confidence → no consensus (unannotated), whatever the labels.
     ("p3", "t1", "v1", "style", 1, 0.5, "ok"),
     ("p3", "t2", "v1", "safety", 3, 0.5, "ok"),
     # p4: unanimous, two prompt versions, plus one failure that is counted, not voted.
@@ -256,7 +281,10 @@ def test_consensus_on_disagreeing_teachers():
     assert p1["confidence"] == pytest.approx((0.9 + 0.6) / 2 * 2 / 3)  # lowered by the disagreement
     assert rows["p2"]["category"] == "style" and rows["p2"]["agreement"] == 0.5
     assert rows["p2"]["confidence"] == pytest.approx(0.8 * 0.5)
-    assert rows["p3"]["category"] == "safety" and rows["p3"]["magnitude"] == 3.0
+    p3 = rows["p3"]
+    assert (p3["category"], p3["magnitude"], p3["confidence"], p3["agreement"], p3["n_annotations"]) == (
+        "unannotated", None, None, 0.5, 2)
+    assert prov["unresolved_ties"] == 1
     p4 = rows["p4"]
     assert (p4["category"], p4["agreement"], p4["magnitude"], p4["n_annotations"], p4["n_failed"]) == (
         "reasoning", 1.0, 2.5, 2, 1)
@@ -283,6 +311,37 @@ def test_consensus_ignores_row_order_and_dedupes_resumed_rows():
     assert prov["duplicate_rows"] == 2
     assert rows["p1"]["n_annotations"] == 3
     assert (rows["p4"]["n_annotations"], rows["p4"]["n_failed"]) == (3, 0)
+
+
+def test_a_level_tie_is_symmetric_in_the_labels():
+    # Swapping which teacher said what, or which category comes first in CATEGORIES, changes nothing.
+    ids = pa.array(["p"])
+    for a, b in (("safety", "style"), ("style", "safety"), ("factuality", "helpfulness"), ("reversed", "no_real_difference")):
+        table, prov = consensus(_ann([("p", "t1", "v1", a, 2, 0.7, "ok"), ("p", "t2", "v1", b, 1, 0.7, "ok")]), ids)
+        assert table["category"].to_pylist() == ["unannotated"] and prov["unresolved_ties"] == 1, (a, b)
+        # Confidences that differ only by float rounding are level too.
+        table, _ = consensus(_ann([("p", "t1", "v1", a, 2, 0.3, "ok"), ("p", "t2", "v1", b, 1, 0.1, "ok"),
+                                   ("p", "t3", "v1", b, 1, 0.2, "ok"), ("p", "t4", "v1", a, 1, 0.0, "ok")]), ids)
+        assert table["category"].to_pylist() == ["unannotated"], (a, b)
+    # A tie in votes with unequal confidence still has a winner, the more confident side, both ways.
+    for a, b in (("safety", "style"), ("style", "safety")):
+        table, _ = consensus(_ann([("p", "t1", "v1", a, 2, 0.9, "ok"), ("p", "t2", "v1", b, 1, 0.6, "ok")]), ids)
+        assert table["category"].to_pylist() == [a]
+
+
+def test_duplicate_rows_with_different_content_resolve_the_same_in_any_order():
+    # A resumed run wrote p1/t1/v1 twice with different answers (and once failed): the kept row
+    # is chosen by content, so every read order gives the same consensus.
+    rows = [("p1", "t1", "v1", "factuality", 3, 0.9, "ok"), ("p1", "t1", "v1", "style", 1, 0.6, "ok"),
+            ("p1", "t1", "v1", None, None, None, "failed"), ("p1", "t2", "v1", "reasoning", 2, 0.8, "ok"),
+            ("p2", "t1", "v1", "helpfulness", 2, 0.5, "repaired"), ("p2", "t1", "v1", "helpfulness", 2, 0.7, "ok")]
+    ids = pa.array(["p1", "p2"])
+    results = set()
+    for seed in range(12):
+        table, prov = consensus(_ann(rows).take(np.random.default_rng(seed).permutation(len(rows))), ids)
+        assert prov["duplicate_rows"] == 3
+        results.add(json.dumps(table.to_pylist(), sort_keys=True))
+    assert len(results) == 1, results
 
 
 def test_consensus_refuses_bad_annotations():

@@ -8,11 +8,17 @@ schedule config and its hash, the control, the annotation provenance, counts, a 
 pair ids and of the β column. Training reads it through `training_pairs`, which refuses an
 artifact that does not cover its pairs table exactly.
 
-Controls, from the same annotations and config:
+Controls, from the same annotations and config; all three train the same pairs (the semantic
+schedule's drops and flips), so they differ in β alone:
     semantic  β_i from the schedule (SP²DPO)
-    global    β_i = beta0 for every pair, every pair kept as labelled: standard DPO
-    shuffled  the semantic β values permuted across the trained pairs (seeded); drops and flips
-              stay as in semantic, so only the pairing of β with meaning is destroyed
+    global    β_i = one global β for every trained pair (beta0, or `global_beta` for a β sweep):
+              standard DPO on the same pairs
+    shuffled  the semantic β values permuted across the trained pairs (seeded), so only the
+              pairing of β with meaning is destroyed
+
+Every artifact records the mean β it trains with (`beta_stats.mean`) beside the target (beta0)
+and whether the semantic schedule reached it; no artifact is written with a missing, non-finite
+or non-positive β on a trained pair.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import warnings
 from typing import Any, Literal
 
 import numpy as np
@@ -72,13 +79,14 @@ def beta_digest(beta: pa.Array | pa.ChunkedArray) -> str:
     return hashlib.sha256(np.ascontiguousarray(values, dtype="<f8").tobytes()).hexdigest()
 
 
-def apply_control(schedule: Schedule, control: Control, cfg: ScheduleConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def apply_control(schedule: Schedule, control: Control, cfg: ScheduleConfig,
+                  global_beta: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(beta, dropped, flipped) for a control arm; see the module docstring."""
     if control == "semantic":
         return schedule.beta, schedule.dropped, schedule.flipped
     if control == "global":
-        n = len(schedule.beta)
-        return np.full(n, cfg.beta0), np.zeros(n, bool), np.zeros(n, bool)
+        beta = np.where(schedule.dropped, np.nan, cfg.beta0 if global_beta is None else global_beta)
+        return beta, schedule.dropped, schedule.flipped
     if control == "shuffled":
         beta = schedule.beta.copy()
         trained = np.flatnonzero(~schedule.dropped)
@@ -87,12 +95,37 @@ def apply_control(schedule: Schedule, control: Control, cfg: ScheduleConfig) -> 
     raise ValueError(f"unknown control {control!r}; expected one of {list(CONTROLS)}")
 
 
+def check_trained_beta(beta: np.ndarray, dropped: np.ndarray, pair_ids: pa.Array) -> None:
+    """ArtifactError unless every trained pair has a finite, positive β."""
+    bad = np.flatnonzero(~dropped & ~(np.isfinite(beta) & (beta > 0)))
+    if len(bad):
+        ids = pair_ids.take(pa.array(bad[:3])).to_pylist()
+        raise ArtifactError(f"{len(bad)} trained pairs would get a non-finite or non-positive beta "
+                            f"({_examples([f'{i}={beta[j]}' for i, j in zip(ids, bad)])}); no artifact written")
+
+
+def mean_miss_message(sched: Schedule, cfg: ScheduleConfig) -> str | None:
+    """Why the semantic mean β is not beta0, or None when it is (or rescale_mean is off)."""
+    if sched.mean_reached is not False:
+        return None
+    return (f"the semantic schedule's mean beta is {sched.mean_beta:.6g}, not beta0={cfg.beta0:g}: pairs pinned at "
+            f"beta_min (noise_policy / reversed_policy={cfg.reversed_policy}) or clipped at beta_max leave too "
+            "little room; raise beta_max, lower beta_min, set noise_policy=drop, or compare against a global beta "
+            "equal to the achieved mean (on_mean_miss=refuse stops here, on_mean_miss=warn records it)")
+
+
 def build_artifact(pairs_path: str, annotations_path: str, out_path: str, config: ScheduleConfig | None = None,
-                   control: Control = "semantic", show_progress: bool = False) -> dict[str, Any]:
-    """Write the β artifact for every pair of `pairs_path`; return the summary."""
+                   control: Control = "semantic", show_progress: bool = False,
+                   global_beta: float | None = None) -> dict[str, Any]:
+    """Write the β artifact for every pair of `pairs_path`; return the summary.
+
+    `global_beta` sets the global control's β (default beta0): one artifact per point of a β sweep.
+    """
     cfg = config or ScheduleConfig()
     if control not in CONTROLS:
         raise ValueError(f"unknown control {control!r}; expected one of {list(CONTROLS)}")
+    if global_beta is not None and (control != "global" or not (np.isfinite(global_beta) and global_beta > 0)):
+        raise ValueError(f"global_beta={global_beta!r}: only for control=global, and a positive finite number")
     t0 = time.perf_counter()
     with progress_bar(5, "schedule", disable=not show_progress) as bar:
         try:
@@ -110,7 +143,13 @@ def build_artifact(pairs_path: str, annotations_path: str, out_path: str, config
         bar.update()
         sched = schedule_beta(cons["category"], cons["magnitude"].to_numpy(zero_copy_only=False),
                               cons["confidence"].to_numpy(zero_copy_only=False), cfg)
-        beta, dropped, flipped = apply_control(sched, control, cfg)
+        miss = mean_miss_message(sched, cfg)
+        if miss and cfg.on_mean_miss == "refuse":
+            raise ValueError(miss)
+        if miss:
+            warnings.warn(miss, stacklevel=2)
+        beta, dropped, flipped = apply_control(sched, control, cfg, global_beta)
+        check_trained_beta(beta, dropped, pair_ids)
         t3 = time.perf_counter()
         bar.update()
 
@@ -137,10 +176,15 @@ def build_artifact(pairs_path: str, annotations_path: str, out_path: str, config
             "per_category": {str(k): int(v) for k, v in zip(*np.unique(categories.astype(str), return_counts=True))},
         }
         beta_stats = {
-            "mean": float(trained.mean()) if len(trained) else None,
+            "mean": float(trained.mean()) if len(trained) else None,  # the achieved mean of this arm
             "min": float(trained.min()) if len(trained) else None,
             "max": float(trained.max()) if len(trained) else None,
             "rescale_factor": sched.rescale_factor,
+            "target_mean": cfg.beta0,
+            "semantic_mean": None if np.isnan(sched.mean_beta) else sched.mean_beta,
+            "semantic_mean_reached": sched.mean_reached,
+            "zero_strength_pairs": sched.zero_strength,
+            "global_beta": (cfg.beta0 if global_beta is None else global_beta) if control == "global" else None,
         }
         metadata = {
             "artifact_version": ARTIFACT_VERSION,
@@ -164,6 +208,9 @@ def build_artifact(pairs_path: str, annotations_path: str, out_path: str, config
         **{k: v for k, v in counts.items() if k != "per_category"},
         "per_category": counts["per_category"],
         "mean_beta": None if beta_stats["mean"] is None else round(beta_stats["mean"], 6),
+        "target_mean": cfg.beta0,
+        "semantic_mean_reached": sched.mean_reached,
+        "warnings": [miss] if miss else [],
         "min_beta": beta_stats["min"],
         "max_beta": beta_stats["max"],
         "annotations": provenance["status_counts"],

@@ -6,6 +6,12 @@
     then, when rescale_mean: beta_i = clip(k · raw_i, beta_min, beta_max) with the one k that makes
     the mean β over the pairs trained on equal beta0 (found by bisection: the mean is monotone in k).
 
+A raw strength of 0 (confidence 0 with confidence_floor 0: "no push at all") gets beta_min, the
+least β allowed; it takes no part in finding k (no finite k moves it). When pinned pairs make
+beta0 unreachable (e.g. most pairs are noise at beta_min), the schedule saturates and says so:
+`Schedule.mean_beta` is the mean achieved and `mean_reached` whether it equals beta0;
+`on_mean_miss` decides whether building an artifact then warns or refuses.
+
 Pairs outside the semantic categories follow explicit policies instead of the formula:
     no_real_difference  min_beta (β = beta_min) | drop (excluded from training)
     reversed            min_beta | drop | flip (chosen/rejected swapped at training; β from the
@@ -63,6 +69,9 @@ class ScheduleConfig(StageConfig):
     noise_policy: Literal["min_beta", "drop"] = "min_beta"
     reversed_policy: Literal["min_beta", "drop", "flip"] = "min_beta"
     unannotated_policy: Literal["beta0", "drop"] = "beta0"
+    # When rescale_mean cannot bring the mean β of the trained pairs to beta0 (pinned pairs pull it
+    # away): `warn` (recorded in the artifact, warning printed) or `refuse` (no artifact written).
+    on_mean_miss: Literal["warn", "refuse"] = "warn"
     shuffle_seed: int = 0
 
     @model_validator(mode="after")
@@ -96,6 +105,12 @@ class Schedule:
     flipped: np.ndarray  # bool
     rescale_factor: float  # k (1.0 when rescale_mean is off)
     mean_beta: float  # over the pairs trained on (not dropped)
+    mean_reached: bool | None  # mean_beta == beta0 (to MEAN_RTOL); None when rescale_mean is off
+    zero_strength: int  # semantic pairs whose raw β was 0, set to beta_min
+
+
+# Relative tolerance of "the mean equals beta0": the bisection lands within ~1e-15 when reachable.
+MEAN_RTOL = 1e-6
 
 
 def category_codes(categories: pa.Array | pa.ChunkedArray | list) -> np.ndarray:
@@ -164,13 +179,22 @@ def schedule_beta(categories: pa.Array | list, magnitude, confidence, cfg: Sched
     h = cfg.confidence_floor + (1.0 - cfg.confidence_floor) * np.nan_to_num(c)
     raw = cfg.beta0 * weights[codes] * g * h
 
+    # Zero strength: clip(k·0) is beta_min for every finite k, so say it rather than divide by 0.
+    zero = semantic & (raw <= 0)
+    scaled = semantic & ~zero
     beta = np.full(n, np.nan)
-    beta[pinned_min] = cfg.beta_min
+    beta[pinned_min | zero] = cfg.beta_min
     beta[pinned_beta0] = cfg.beta0
     trained = ~dropped
     k = 1.0
     if cfg.rescale_mean and trained.any():
-        k = _mean_matching_factor(raw[semantic], float(beta[pinned_min | pinned_beta0].sum()), int(trained.sum()), cfg)
-    beta[semantic] = np.clip(k * raw[semantic], cfg.beta_min, cfg.beta_max)
+        k = _mean_matching_factor(raw[scaled], float(beta[pinned_min | pinned_beta0 | zero].sum()), int(trained.sum()), cfg)
+    beta[scaled] = np.clip(k * raw[scaled], cfg.beta_min, cfg.beta_max)
+    if not np.all(np.isfinite(beta[trained]) & (beta[trained] > 0)):  # unreachable by construction; never pass one on
+        raise ValueError(f"schedule produced a non-finite or non-positive beta (rescale factor {k})")
     mean = float(beta[trained].mean()) if trained.any() else float("nan")
-    return Schedule(beta=beta, dropped=dropped, flipped=flipped, rescale_factor=float(k), mean_beta=mean)
+    reached = None
+    if cfg.rescale_mean and trained.any():
+        reached = bool(abs(mean - cfg.beta0) <= MEAN_RTOL * cfg.beta0)
+    return Schedule(beta=beta, dropped=dropped, flipped=flipped, rescale_factor=float(k), mean_beta=mean,
+                    mean_reached=reached, zero_strength=int(zero.sum()))

@@ -11,7 +11,7 @@ def schedule_cmd(
     pairs: str = typer.Option(..., "--pairs", help="Pairs table (pairs.parquet from `sp2dpo data prepare`)."),
     annotations: str = typer.Option(..., "--annotations", help="Annotations: a directory of Parquet shards or one file."),
     out: str = typer.Option(..., "--out", "-o", help="Artifact file to write (local path or s3://, gs://)."),
-    control: str = typer.Option("semantic", "--control", help="semantic (SP2DPO) | global (every beta = beta0) | shuffled."),
+    control: str = typer.Option("semantic", "--control", help="semantic (SP2DPO) | global (every trained beta = beta0, the same pairs as semantic) | shuffled."),
     config: str = ConfigOpt,
     overrides: list[str] = SetOpt,
     as_json: bool = JsonOpt,

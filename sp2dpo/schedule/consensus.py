@@ -1,9 +1,11 @@
 """Several annotations per pair (teachers × prompt variants) → one consensus annotation.
 
-    category    the majority category; ties go to the larger summed confidence, then to the
-                earlier category in CATEGORIES (safety first), so the result never depends on
-                row order
-    agreement   votes for that category / valid annotations of the pair, in (0, 1]
+    category    the majority category; a tie in votes goes to the larger summed confidence;
+                a tie in both (a 1-1 split at equal confidence) is no consensus: the pair is
+                `unannotated` (trained as standard DPO by the default unannotated_policy), so no
+                category's place in a list decides it and the rule is symmetric in the labels
+    agreement   votes for the top category / valid annotations of the pair, in (0, 1] (kept for
+                unresolved ties, e.g. 0.5)
     magnitude   median magnitude of the annotations that voted for the category (a teacher that
                 saw a different kind of gap says nothing about the size of this one)
     confidence  mean confidence of those annotations × agreement: disagreement lowers it
@@ -12,6 +14,10 @@
 Failed annotations carry no category: they are counted, never voted. A pair with no valid
 annotation comes out as category `unannotated` (magnitude/confidence/agreement null); the schedule
 decides what happens to it (`unannotated_policy`), it is never silently dropped.
+
+A (pair, teacher, prompt_version) written twice (a resumed run) counts once: a valid row over a
+failed one, then the smallest content (category, magnitude, confidence), so the read order never
+decides which of two differing rows is kept.
 """
 
 from __future__ import annotations
@@ -98,10 +104,13 @@ def consensus(annotations: pa.Table, pair_ids: pa.Array | pa.ChunkedArray) -> tu
     pair_index = pair_index.drop_null().to_numpy(zero_copy_only=False).astype(np.int64)
 
     # A resumed run may have written a (pair, teacher, prompt_version) twice: keep one row, a valid
-    # one over a failed one, then the first read.
+    # one over a failed one, then by content (never by read order).
     teacher, version = _sorted_codes(ann["teacher"]), _sorted_codes(ann["prompt_version"])
     failed_rank = pc.equal(ann["status"], "failed").to_numpy(zero_copy_only=False).astype(np.int64)
-    order = np.lexsort((np.arange(ann.num_rows), failed_rank, version, teacher, pair_index))
+    content = [pc.fill_null(pc.cast(ann[name], pa.float64()), -1.0).to_numpy(zero_copy_only=False)
+               for name in ("confidence", "magnitude")]
+    category_rank = _sorted_codes(pc.fill_null(ann["category"], ""))
+    order = np.lexsort((*content, category_rank, failed_rank, version, teacher, pair_index))
     key = np.stack([pair_index[order], teacher[order], version[order]])
     first = np.ones(len(order), dtype=bool)
     first[1:] = np.any(key[:, 1:] != key[:, :-1], axis=0)
@@ -144,10 +153,15 @@ def consensus(annotations: pa.Table, pair_ids: pa.Array | pa.ChunkedArray) -> tu
     votes = np.bincount(cell, minlength=n * n_cat).reshape(n, n_cat)
     conf_sum = np.bincount(cell, weights=conf, minlength=n * n_cat).reshape(n, n_cat)
     top = votes.max(axis=1)
-    # Majority, then summed confidence, then the first category in order (argmax takes the first).
-    winner = np.argmax(np.where(votes == top[:, None], conf_sum, -np.inf), axis=1)
+    # Majority, then summed confidence; several categories still level is no consensus.
+    level = np.where(votes == top[:, None], conf_sum, -np.inf)
+    best = level.max(axis=1)
+    contenders = (votes == top[:, None]) & np.isclose(level, best[:, None], rtol=1e-9, atol=1e-12)
+    winner = np.argmax(contenders, axis=1)
     n_valid = votes.sum(axis=1)
-    annotated = n_valid > 0
+    unresolved = (n_valid > 0) & (contenders.sum(axis=1) > 1)
+    annotated = (n_valid > 0) & ~unresolved
+    provenance["unresolved_ties"] = int(unresolved.sum())
     rows = np.arange(n)
 
     voter = codes == winner[p]
@@ -170,7 +184,7 @@ def consensus(annotations: pa.Table, pair_ids: pa.Array | pa.ChunkedArray) -> tu
             "category": pa.array(category, pa.string()),
             "magnitude": pa.array(magnitude, pa.float64(), mask=~annotated),
             "confidence": pa.array(confidence, pa.float64(), mask=~annotated),
-            "agreement": pa.array(agreement, pa.float64(), mask=~annotated),
+            "agreement": pa.array(agreement, pa.float64(), mask=n_valid == 0),
             "n_annotations": pa.array(n_valid, pa.int32()),
             "n_failed": pa.array(failed, pa.int32()),
         },
