@@ -59,6 +59,8 @@ CATEGORY_ALIASES = {
 
 _FENCE = re.compile(r"```[a-zA-Z0-9_-]*\s*\n?(.*?)```", re.DOTALL)
 _TRAILING_COMMA = re.compile(r",\s*([}\]])")
+# A stretch a teacher quotes from its fenced prompt (prompts.fence): the pair's text, never its answer.
+_FENCED = re.compile(r"<<<([a-z_]+)_([0-9a-f]{16})>>>.*?<<<end_\1_\2>>>", re.DOTALL)
 
 
 @dataclass
@@ -251,6 +253,10 @@ def parse_annotation(text: str | None) -> Parsed:
     except (json.JSONDecodeError, ValidationError, ValueError):
         pass
     repairs: list[str] = []
+    unfenced = _FENCED.sub(" ", text)
+    if unfenced != text:
+        repairs.append("ignored text quoted between fence markers")
+        text = unfenced
     try:
         obj = _load_object(text, repairs)
         if obj is None:
