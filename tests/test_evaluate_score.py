@@ -227,7 +227,10 @@ def test_compare_table_and_chart(tmp_path):
     summary = json.loads(result.output.strip().splitlines()[-1])
     assert summary["runs"] == 3 and summary["best_lc"] == "FuseChat0"
     table = (tmp_path / "comparison.md").read_text()
-    assert table.count("\n") == 2 + 3 and "63.33" in table and "± SE" in table
+    scores_table, differences = table.split("\n\n", 1)
+    assert scores_table.count("\n") == 1 + 3 and "63.33" in scores_table and "± SE" in scores_table
+    assert differences.count("| FuseChat1 |") == 1 and differences.count("| alpaca2 |") == 1
+    assert "ΔLC" in differences and "95% CI" in differences
     assert (tmp_path / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     dup = CliRunner().invoke(app, ["evaluate", "compare", f"a={annotations_path(MODELS[0])}",
                                    f"a={annotations_path(MODELS[1])}", "--out", str(tmp_path)])

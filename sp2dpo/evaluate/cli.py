@@ -13,8 +13,10 @@ OutOpt = typer.Option(None, "--out", "-o", help="Output directory.")
 LimitOpt = typer.Option(None, help="Only the first N instructions (smoke runs; not leaderboard-comparable).")
 ConcurrencyOpt = typer.Option(None, help="Requests in flight at once.")
 GlmOpt = typer.Option(None, help="length_controlled_v1 (default) | length_controlled_noreg | length_controlled_minimal.")
-DifficultyOpt = typer.Option(None, "--instruction-difficulty", help="AlpacaEval's instruction_difficulty.csv (else an offline estimate).")
-GamedOpt = typer.Option(None, "--df-gamed", help="AlpacaEval's df_gamed.csv (else synthesised from the official GLM weights).")
+DifficultyOpt = typer.Option(None, "--instruction-difficulty",
+                             help="AlpacaEval's instruction_difficulty.csv (else the hub's, when cached or online; else an offline estimate).")
+GamedOpt = typer.Option(None, "--df-gamed",
+                        help="AlpacaEval's df_gamed.csv (else the hub's, when cached or online; else synthesised from the official GLM weights).")
 MissingOpt = typer.Option(None, "--allow-missing", help="Score without rows whose preference is missing/NaN (counted) instead of refusing.")
 
 
@@ -87,7 +89,8 @@ def score_cmd(
 
     def run() -> dict:
         summary = score_annotations(annotations, glm=cfg.glm, instruction_difficulty=cfg.instruction_difficulty,
-                                    df_gamed=cfg.df_gamed, allow_missing=cfg.allow_missing, eval_set=cfg.eval_set)
+                                    df_gamed=cfg.df_gamed, allow_missing=cfg.allow_missing, eval_set=cfg.eval_set,
+                                    hub_files=cfg.hub_files, lc_min_instructions=cfg.lc_min_instructions)
         if out:
             from sp2dpo.storage import write_json
 
@@ -105,15 +108,16 @@ def compare_cmd(
     instruction_difficulty: str = DifficultyOpt,
     df_gamed: str = GamedOpt,
     allow_missing: bool = MissingOpt,
+    baseline: str = typer.Option(None, "--baseline", help="Run NAME the others are compared with (default: the first run)."),
     config: str = ConfigOpt,
     overrides: list[str] = SetOpt,
     as_json: bool = JsonOpt,
 ) -> None:
-    """Table (WR, LC WR, ± SE, avg length) and PNG bar chart across runs."""
+    """Table (WR, LC WR, ± SE, avg length), paired ΔWR / ΔLC with 95% CIs against a baseline run, PNG chart."""
     from sp2dpo.evaluate.compare import compare
 
     cfg = _cfg(config=config, overrides=overrides, out=out, glm=glm, instruction_difficulty=instruction_difficulty,
-               df_gamed=df_gamed, allow_missing=allow_missing or None)
+               df_gamed=df_gamed, allow_missing=allow_missing or None, baseline_run=baseline)
     run_and_report(lambda: compare(runs, cfg), as_json, "evaluate compare")
 
 

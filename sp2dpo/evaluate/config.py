@@ -45,5 +45,16 @@ class EvaluateConfig(StageConfig):
     # AlpacaEval's official hub files, when the user has them (else the offline estimate).
     instruction_difficulty: str | None = None
     df_gamed: str | None = None
+    # Look for AlpacaEval's df_gamed.csv / instruction_difficulty.csv through huggingface_hub (its
+    # cache first; a download only when online and HF_HUB_OFFLINE is unset); false: never look.
+    hub_files: bool = True
     # Score without rows whose preference is missing/NaN (they are counted) instead of refusing.
     allow_missing: bool = False
+    # Fewer judged instructions than this: no LC win rate (null, with lc_note saying why).
+    lc_min_instructions: int = Field(50, ge=1)
+
+    # compare: the run every other run is compared with (paired differences); default the first.
+    baseline_run: str | None = None
+    # Paired bootstrap resamples and sign-flip permutations per difference, and their seed.
+    n_resamples: int = Field(2000, ge=100)
+    bootstrap_seed: int = 0

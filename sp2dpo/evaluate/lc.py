@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -50,12 +51,16 @@ def length_controlled_winrate(
     difficulty: np.ndarray,
     gamed: "Any | None" = None,
     glm: str = "length_controlled_v1",
+    contributions: bool = False,
 ) -> dict[str, Any]:
     """LC win rate (percent), its standard error, and the fitted GLM weights.
 
-    pref01: preference - 1 in [0, 1] per instruction; difficulty: that instruction's difficulty;
-    gamed: a DataFrame with `std_delta_len`, `instruction_difficulty`, `preference` in [0, 1]
-    (the regularisation rows), required when the GLM regularises toward the baseline.
+    pref01: preference - 1 in [0, 1] per instruction, NaN where the judge named neither answer
+    (such rows count in the length std and the prediction but not in the fit, as in alpaca_eval);
+    difficulty: that instruction's difficulty; gamed: a DataFrame with `std_delta_len`,
+    `instruction_difficulty`, `preference` in [0, 1] (the regularisation rows), required when the
+    GLM regularises toward the baseline. With `contributions`, also each instruction's share of
+    the LC win rate to first order (see `_contributions`), whose mean is the LC win rate.
     """
     import pandas as pd
     from alpaca_eval.metrics.glm_winrate import fit_LogisticRegressionCV
@@ -73,7 +78,8 @@ def length_controlled_winrate(
         COLUMNS[2]: 1.0,
         "preference": np.asarray(pref01, float),
     })
-    sample_weight = None
+    n_reg = 0
+    sample_weight = np.ones(len(rows))
     if lam:
         if gamed is None:
             raise ValueError(f"{glm} regularises toward the baseline and needs the gamed-baseline rows")
@@ -83,15 +89,14 @@ def length_controlled_winrate(
             COLUMNS[2]: 0.0,
             "preference": gamed["preference"].to_numpy(float),
         })
+        n_reg = len(reg)
         # Two gamed baselines share the weight lambda, as in alpaca_eval.
-        sample_weight = np.concatenate([np.full(len(reg), lam / 2), np.ones(len(rows))])
+        sample_weight = np.concatenate([np.full(len(reg), lam / 2), sample_weight])
         rows = pd.concat([reg, rows], ignore_index=True)
     if not use_difficulty:
         rows = rows.drop(columns=[COLUMNS[1]])
     keep = rows["preference"].notna().to_numpy()
-    rows = rows[keep].reset_index(drop=True)
-    if sample_weight is not None:
-        sample_weight = sample_weight[keep]
+    fit_rows = rows[keep].reset_index(drop=True)
     with warnings.catch_warnings():
         # scikit-learn >= 1.8 deprecates the `penalty` argument alpaca_eval passes; same fit.
         warnings.simplefilter("ignore", FutureWarning)
@@ -100,20 +105,89 @@ def length_controlled_winrate(
         # nothing to cross-validate, so fit at alpaca_eval's fixed C (its n_splits=0 path).
         kwargs = dict(info["kwargs"])
         n_splits = kwargs.get("n_splits", 5)
-        if len(rows) < n_splits:
+        if len(fit_rows) - n_reg < n_splits:
             kwargs["n_splits"] = n_splits = 0
-        model = fit_LogisticRegressionCV(rows, "preference", is_ytrue_proba=True, sample_weight=sample_weight, **kwargs)
+        model = fit_LogisticRegressionCV(fit_rows, "preference", is_ytrue_proba=True,
+                                         sample_weight=None if not lam else sample_weight[keep], **kwargs)
     names = [c for c in rows.columns if c != "preference"]
-    weights = dict(zip(names, (float(w) for w in model.coef_[0])))
-    logit = weights[COLUMNS[2]] + (weights.get(COLUMNS[1], 0.0) * np.asarray(difficulty, float))
-    predicted = _sigmoid(np.broadcast_to(logit, (len(pref01),)))
-    return {
+    beta = model.coef_[0].astype(float)
+    weights = dict(zip(names, (float(w) for w in beta)))
+    x_test = rows.iloc[n_reg:][names].to_numpy(float).copy()
+    x_test[:, names.index(COLUMNS[0])] = 0.0  # the counterfactual: no length difference
+    predicted = _sigmoid(x_test @ beta)
+    out = {
         "lc_win_rate": float(predicted.mean() * 100),
         "lc_standard_error": float(predicted.std(ddof=1) / np.sqrt(len(predicted)) * 100) if len(predicted) > 1 else float("nan"),
         "glm": glm,
         "glm_weights": weights,
         "glm_cross_validated": n_splits > 0,
     }
+    if contributions:
+        x = rows[names].to_numpy(float)
+        y = rows["preference"].to_numpy(float)
+        out["contributions"] = _contributions(x, y, sample_weight, keep, n_reg, x_test, beta) * 100
+    return out
+
+
+def _contributions(x: np.ndarray, y: np.ndarray, weight: np.ndarray, keep: np.ndarray, n_reg: int,
+                   x_test: np.ndarray, beta: np.ndarray) -> np.ndarray:
+    """Each model row's share c_i of LC = mean_i c_i, linearised around the fit.
+
+    Re-weighting the model's instructions by m_i (a bootstrap draw) moves the coefficients by
+    H^-1 sum_i (m_i - 1) s_i to first order (s_i: row i's score, H: the Hessian of the weighted
+    log-likelihood, gamed rows fixed), so LC* = mean_i m_i c_i with
+    c_i = sigmoid(x0_i b) + n grad(LC) . H^-1 (s_i - mean s). Coefficients the L1 fit set to zero
+    stay zero (the active set is kept). Resampling instructions then costs no refit.
+    """
+    p_test = _sigmoid(x_test @ beta)
+    n = len(x_test)
+    active = np.abs(beta) > 0
+    if not active.any():
+        return p_test
+    xa = x[:, active]
+    p = _sigmoid(x @ beta)
+    ok = keep.astype(float)
+    hessian = (xa * (weight * ok * p * (1 - p))[:, None]).T @ xa
+    score = xa * (weight * ok * np.nan_to_num(y - p))[:, None]
+    score = score[n_reg:]
+    grad = ((p_test * (1 - p_test))[:, None] * x_test[:, active]).mean(axis=0)
+    direction = np.linalg.solve(hessian, grad)
+    return p_test + n * (score - score.mean(axis=0)) @ direction
+
+
+HUB_REPO = "tatsu-lab/alpaca_eval"  # alpaca_eval's own hf_hub_download: this repo, repo_type "dataset"
+
+
+def hub_file(filename: str) -> str | None:
+    """Local path of AlpacaEval's `filename` (df_gamed.csv, instruction_difficulty.csv) through
+    huggingface_hub, or None when it cannot be had. The hub cache (HF_HOME / HF_HUB_CACHE) is
+    looked in first; a download is tried only when HF_HUB_OFFLINE is unset and the hub endpoint
+    answers a 2-second connection (so an offline machine does not wait through the client's
+    retries)."""
+    from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
+
+    cached = try_to_load_from_cache(HUB_REPO, filename, repo_type="dataset")
+    if isinstance(cached, str):
+        return cached
+    if constants.HF_HUB_OFFLINE or not _hub_reachable(constants.ENDPOINT):
+        return None
+    try:
+        return hf_hub_download(HUB_REPO, filename, repo_type="dataset")
+    except Exception:  # noqa: BLE001 - any hub failure means: use the offline estimate
+        return None
+
+
+@lru_cache(maxsize=None)
+def _hub_reachable(endpoint: str) -> bool:
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(endpoint)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=2).close()
+        return True
+    except OSError:
+        return False
 
 
 def _read_csv_text(path: str | Path, what: str) -> str:
