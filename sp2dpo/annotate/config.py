@@ -98,7 +98,7 @@ class AnnotateConfig(StageConfig):
     teacher: Literal["ratings", "vllm", "openai", "transformers"] = "ratings"
     model: str | None = None  # path or id; None: the bundled SmolLM2-135M-Instruct (openai: required)
     teacher_name: str | None = None  # stored `teacher` value; None: "<engine>:<model name>"
-    prompt_version: str | None = None  # None: v1 (LLM teachers), ratings-v1 (ratings)
+    prompt_version: str | None = None  # None: v2 (LLM teachers, fenced), ratings-v1 (ratings)
     limit: int | None = Field(None, ge=0)  # only the first N pairs of the input
     retry_failed: bool = False  # re-ask pairs whose annotation failed
     shard_rows: int = Field(1024, ge=1)  # a shard is written every shard_rows rows ...
@@ -132,7 +132,7 @@ class AnnotateConfig(StageConfig):
     def resolved_prompt_version(self) -> str:
         if self.prompt_version is not None:
             return self.prompt_version
-        return RATINGS_PROMPT_VERSION if self.teacher == "ratings" else "v1"
+        return RATINGS_PROMPT_VERSION if self.teacher == "ratings" else "v2"
 
     @property
     def resolved_teacher_name(self) -> str:
