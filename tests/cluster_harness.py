@@ -74,6 +74,38 @@ exec "$@"
 """
 
 
+def _start_shared_nothing_node(args: list[str], env: dict[str, str], hidden: list[str], log_path: str) -> subprocess.Popen:
+    """`ray start --block <args>` in a mount namespace of its own (SHARED_NOTHING_WRAPPER).
+    unshare(2) then exec: the process returned is `ray start --block` itself."""
+    cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c", SHARED_NOTHING_WRAPPER, "sp2dpo-node",
+           *hidden, "--", RAY, "start", "--block", "--disable-usage-stats", *args]
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _kill_tree(proc: subprocess.Popen, grace_s: float = 20) -> None:
+    try:
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        tree = []
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+    _kill(tree)
+
+
+def _kill(procs: list[psutil.Process]) -> None:
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(procs, timeout=10)
+
+
 class LocalCluster:
     def __init__(self, num_cpus_per_node: int = 1, object_store_mb: int = 200, start_timeout: float = 180, *,
                  head_cpus: int | None = None, worker_cpus: int | None = None, shared_nothing: bool = False,
@@ -148,15 +180,13 @@ class LocalCluster:
         return env
 
     def _start(self, args: list[str], log_name: str, private: bool = False) -> subprocess.Popen:
-        log = open(Path(self.temp_dir) / log_name, "wb")
-        cmd = [RAY, "start", "--block", "--disable-usage-stats", *args]
-        env = self.env
+        log_path = str(Path(self.temp_dir) / log_name)
         if private:
-            # unshare(2) then exec: the process we hold is `ray start --block` itself.
-            cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c", SHARED_NOTHING_WRAPPER,
-                   "sp2dpo-node", *self.hidden, "--", *cmd]
-            env = self._worker_env()
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            proc = _start_shared_nothing_node(args, self._worker_env(), self.hidden, log_path)
+        else:
+            with open(log_path, "ab") as log:
+                proc = subprocess.Popen([RAY, "start", "--block", "--disable-usage-stats", *args], env=self.env,
+                                        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.procs.append(proc)
         return proc
 
@@ -278,12 +308,7 @@ class LocalCluster:
                 pass
         # A test cluster needs no more grace than that: kill what is left of ours.
         leftovers = list({p.pid: p for p in leftovers + self._our_processes()}.values())
-        for p in leftovers:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(leftovers, timeout=10)
+        _kill(leftovers)
         for proc in self.procs:
             proc.wait(timeout=10)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
@@ -376,6 +401,57 @@ def _autoscaling_cluster_class():
     return InCodeConfigAutoscalingCluster
 
 
+def _shared_nothing_provider_class():
+    from ray.autoscaler._private.fake_multi_node.node_provider import FakeMultiNodeProvider
+    from ray.autoscaler.tags import (NODE_KIND_WORKER, STATUS_UP_TO_DATE, TAG_RAY_NODE_KIND, TAG_RAY_NODE_NAME,
+                                     TAG_RAY_NODE_STATUS, TAG_RAY_USER_NODE_TYPE)
+
+    class SharedNothingFakeProvider(FakeMultiNodeProvider):
+        """The fake multi-node provider, but each node it adds is `ray start --block` in a mount
+        namespace of its own, as LocalCluster's shared-nothing second node: it sees the venv and
+        the repository, not the head's (or another added node's) temp dirs and caches.
+
+        FakeMultiNodeProvider starts a node's Ray processes from inside the monitor process (in the
+        head's mount namespace); here the monitor starts a process that gets a namespace first."""
+
+        def _create_node_with_resources_and_labels(self, node_config, tags, count, resources, labels):
+            cfg = self.provider_config
+            resources = dict(resources)
+            with self.lock:
+                node_type = tags[TAG_RAY_USER_NODE_TYPE]
+                node_id = self._next_hex_node_id()
+                args = ["--address", self._gcs_address, "--num-cpus", str(int(resources.pop("CPU", 0))),
+                        "--num-gpus", str(int(resources.pop("GPU", 0))),
+                        "--object-store-memory", str(int(resources.pop("object_store_memory", 200 << 20))),
+                        "--temp-dir", cfg["node_temp_dir"], "--node-ip-address", "127.0.0.1",
+                        *LocalCluster._node_ports()]
+                if resources:
+                    args += ["--resources", json.dumps(resources)]
+                if labels:
+                    args += ["--labels", ",".join(f"{k}={v}" for k, v in labels.items())]
+                # What FakeMultiNodeProvider gives its nodes: the node id the autoscaler knows it by.
+                env = {**cfg["node_env"], "RAY_OVERRIDE_NODE_ID_FOR_TESTING": node_id,
+                       "RAY_CLOUD_INSTANCE_ID": node_id, "RAY_NODE_TYPE_NAME": node_type}
+                proc = _start_shared_nothing_node(args, env, cfg["hidden"],
+                                                  str(Path(cfg["node_temp_dir"]) / f"node-{node_type}-{node_id[-5:]}.log"))
+                all_tags = {TAG_RAY_NODE_KIND: NODE_KIND_WORKER, TAG_RAY_USER_NODE_TYPE: node_type,
+                            TAG_RAY_NODE_NAME: node_id, TAG_RAY_NODE_STATUS: STATUS_UP_TO_DATE, **tags}
+                self._nodes[node_id] = {"tags": all_tags, "proc": proc}
+
+        def _terminate_node(self, node):
+            _kill_tree(node["proc"])
+
+    return SharedNothingFakeProvider
+
+
+def __getattr__(name: str) -> Any:
+    # The head's monitor imports the provider by module path (`provider.module` in the config);
+    # built lazily so importing this module does not import Ray's autoscaler.
+    if name == "SharedNothingFakeProvider":
+        return _shared_nothing_provider_class()
+    raise AttributeError(name)
+
+
 class LocalAutoscalingCluster(LocalCluster):
     """A Ray head run by Ray's real autoscaler (v1, `StandardAutoscaler` in the head's monitor) with
     the fake multi-node provider: worker nodes of `worker_node_types` (min_workers 0 allowed) are
@@ -396,10 +472,10 @@ class LocalAutoscalingCluster(LocalCluster):
 
     def __init__(self, head_resources: dict[str, float], worker_node_types: dict[str, dict], *,
                  idle_timeout_minutes: float = 0.1, env: dict[str, str] | None = None, object_store_mb: int = 200,
-                 start_timeout: float = 180, **config_kwargs: Any):
+                 start_timeout: float = 180, shared_nothing: bool = False, **config_kwargs: Any):
         head_resources = dict(head_resources)
         super().__init__(num_cpus_per_node=int(head_resources.get("CPU", 1)), object_store_mb=object_store_mb,
-                         start_timeout=start_timeout, env=env)
+                         start_timeout=start_timeout, env=env, shared_nothing=shared_nothing)
         self.head_resources = head_resources
         import copy
 
@@ -407,6 +483,11 @@ class LocalAutoscalingCluster(LocalCluster):
         config = _autoscaling_cluster_class()(dict(head_resources), copy.deepcopy(worker_node_types),
                                               idle_timeout_minutes=idle_timeout_minutes, **config_kwargs)._config
         config["provider"]["gcs_address"] = self.address
+        if shared_nothing:
+            # Every node the autoscaler adds gets a mount namespace of its own.
+            config["provider"].update(type="external", module="cluster_harness.SharedNothingFakeProvider",
+                                      node_env=self._worker_env(), hidden=self.hidden, node_temp_dir=self.temp_dir)
+            self.env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO / "tests"), self.env.get("PYTHONPATH")) if p)
         self.config = config
         self.config_path = Path(self.temp_dir) / "autoscaling-config.json"
         self.config_path.write_text(json.dumps(config, indent=1))

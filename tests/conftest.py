@@ -71,3 +71,17 @@ def tiny_model_dir():
     from sp2dpo.models import tiny_model_dir
 
     return tiny_model_dir()
+
+
+@pytest.fixture(scope="session")
+def tiny_student_on_s3(s3, tiny_model_dir):
+    """The tiny random student, uploaded to S3: the worker node cannot read the head's model
+    cache, so the model travels as it would on a cluster (each node stages its own copy). Tiny,
+    because moto serves a 0.5 GB SmolLM2 checkpoint at a few MB/s and checkpoints of 1.6 GB
+    (weights + AdamW state) grow its memory by GBs; the judge is still the bundled SmolLM2,
+    which the worker converts for itself."""
+    from sp2dpo.storage import upload_dir
+
+    uri = s3.new_prefix("models") + "/tiny-student"
+    upload_dir(str(tiny_model_dir), uri)
+    return uri

