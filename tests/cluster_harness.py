@@ -167,6 +167,11 @@ class LocalCluster:
             if path == Path("/") or any(p == path or path in p.parents for p in image):
                 continue
             hidden.append(str(path))
+        if str(Path(tempfile.gettempdir()).resolve()) not in hidden:
+            # Then the second node would share the head's temp dirs: a test of nothing.
+            raise RuntimeError(f"shared_nothing: the repository or venv ({REPO}, {BIN.parent}) lies under the temp "
+                               f"dir {tempfile.gettempdir()}, which the second node must not see: run from a checkout "
+                               "outside it")
         # Parents first: a dir under an already hidden one no longer exists there and is skipped.
         return sorted(set(hidden), key=lambda p: (len(Path(p).parts), p))
 
