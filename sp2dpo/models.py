@@ -14,6 +14,9 @@ from pathlib import Path
 from sp2dpo.storage import cache_root, file_lock, is_uri, stage_model
 
 BUNDLED_MODEL_NAMES = ("smollm2", "smollm2-135m-instruct", "SmolLM2-135M-Instruct", "bundled")
+# A tiny random-weight Llama with the SmolLM2 tokenizer, built offline on first use (`tiny_model_dir`):
+# a second, cheap backbone for the CPU demo grid and tests. Random weights: it learns, it says nothing.
+TINY_MODEL_NAMES = ("tiny-llama",)
 
 
 def smollm2_gguf_path() -> Path:
@@ -62,11 +65,13 @@ def bundled_model_dir() -> Path:
 
 
 def resolve_model(name_or_path: str | None) -> str:
-    """`None` or a bundled name → the converted SmolLM2 dir; an object-store URI → its staged
-    local copy; a path → itself; anything else is passed through (a hub id works on machines
-    that have it cached or can reach a hub)."""
+    """`None` or a bundled name → the converted SmolLM2 dir; `tiny-llama` → the tiny random
+    model's dir; an object-store URI → its staged local copy; a path → itself; anything else is
+    passed through (a hub id works on machines that have it cached or can reach a hub)."""
     if name_or_path is None or name_or_path in BUNDLED_MODEL_NAMES:
         return str(bundled_model_dir())
+    if name_or_path in TINY_MODEL_NAMES:
+        return str(tiny_model_dir())
     if is_uri(name_or_path):
         return str(stage_model(name_or_path))
     return name_or_path

@@ -3,18 +3,32 @@
 Each section is validated by its stage's own config class when the pipeline is planned, so one
 YAML file serves `sp2dpo pipeline` and every `sp2dpo <stage> --config same.yaml` command alike.
 Paths inside sections (`out`, the inputs a stage reads) are set by the pipeline, not the user.
+
+Two layouts: without `students`, one student (`train.model`) per control, the global arm at
+`schedule.beta0`. With `students`, the experiment grid: per student the arms `base`,
+`global@β` for each of `global_betas`, `semantic` and `shuffled` (those of `controls`), each
+trained once per seed (see sp2dpo/pipeline/grid.py).
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 
 from sp2dpo.config import StageConfig
 
 Control = Literal["semantic", "global", "shuffled"]
 CONTROLS: tuple[str, ...] = ("semantic", "global", "shuffled")
+
+
+class Student(StageConfig):
+    """One backbone of the grid: its own reference log-probs, arms and served models."""
+
+    # Names stage dirs and served model ids: letters, digits, `-`, `_`, `.`.
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)
+    # A local HF dir, an object-store URI, a bundled name (smollm2, tiny-llama) or a hub id.
+    model: str
 
 
 class PipelineConfig(StageConfig):
@@ -35,6 +49,13 @@ class PipelineConfig(StageConfig):
     evaluate_base: bool = True
     # Served as `judge` when evaluate.judge_endpoint is empty (None = bundled SmolLM2-135M-Instruct).
     judge_model: str | None = None
+    # The experiment grid (empty = one student, train.model): each student's arms share its
+    # reference log-probs; the semantic and shuffled artifacts are shared by every student.
+    students: list[Student] = Field(default_factory=list)
+    # The global-β sweep of the grid; per student the best by LC win rate is `tuned_global`.
+    global_betas: list[float] = Field(default_factory=lambda: [0.01, 0.05, 0.1], min_length=1)
+    # Training seeds of the grid: each trained arm once per seed (train.seed in the single layout).
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     data: dict[str, Any] = Field(default_factory=dict)
     annotate: dict[str, Any] = Field(default_factory=dict)
     schedule: dict[str, Any] = Field(default_factory=dict)
@@ -42,3 +63,28 @@ class PipelineConfig(StageConfig):
     train: dict[str, Any] = Field(default_factory=dict)
     serve: dict[str, Any] = Field(default_factory=dict)
     evaluate: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("global_betas")
+    @classmethod
+    def _betas(cls, value: list[float]) -> list[float]:
+        bad = [b for b in value if not (0 < b < float("inf"))]
+        if bad or len(set(value)) != len(value):
+            raise ValueError(f"global_betas must be distinct positive numbers, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _grid(self) -> "PipelineConfig":
+        names = [s.name for s in self.students]
+        if len(set(names)) != len(names):
+            raise ValueError(f"students: names must be unique, got {names}")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be distinct, got {self.seeds}")
+        if self.students:
+            # Each student is its own starting point and reference: a single train.model would
+            # silently be ignored, so refuse it.
+            for key in ("model", "reference_model", "seed"):
+                if key in self.train:
+                    where = "students[].model" if key != "seed" else "seeds"
+                    raise ValueError(f"train.{key} is set, but with `students` each arm's {key} comes from "
+                                     f"{where}: remove train.{key}")
+        return self
