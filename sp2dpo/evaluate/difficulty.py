@@ -1,20 +1,28 @@
 """Offline stand-ins for AlpacaEval's hub-only LC inputs: instruction difficulty and df_gamed.
 
-    python -m sp2dpo.evaluate.difficulty tests/data/alpaca_eval/*.annotations.json.gz \
+    python -m sp2dpo.evaluate.difficulty ../shared/data/alpaca_eval/results \
         --out sp2dpo/evaluate/data/instruction_difficulty_estimate.csv
 
-Instruction difficulty (one number per eval instruction) is estimated in two steps:
+Instruction difficulty d_i (one number per eval instruction) is what AlpacaEval's joint GLM over
+many leaderboard models calls the per-instruction term: logit P(model m beats the reference on
+i) = theta_m + phi_m tanh(std_delta_len_mi) + psi_m d_i. We estimate it from the official
+annotations of leaderboard models in three steps, on the official scale:
 
-1. Its distribution, from the leaderboard. For every leaderboard model the official GLM weights
+1. A prior, from the leaderboard. For every leaderboard model the official GLM weights
    (theta_m, psi_m) and LC win rate are public, and LC_m = mean_i sigmoid(theta_m + psi_m d_i).
-   ~200 such equations pin down the distribution of d: we fit a smooth histogram on a grid
-   (non-negative least squares with a curvature penalty). It reproduces every leaderboard LC from
-   the official weights to within 0.2 points.
-2. Which instruction gets which value, from the per-instruction annotations we have. Under each
-   annotated model's official weights (phi_m, psi_m, theta_m) and its own length features, every
-   grid value of d_i has a likelihood for that model's judged preference on instruction i; the
-   posterior mean under the step-1 prior ranks the instructions, and the ranks are mapped onto
-   the step-1 distribution (so the marginal stays the one the leaderboard implies).
+   ~200 such equations pin down the distribution of d: a smooth histogram on a grid (non-negative
+   least squares with a curvature penalty).
+2. Each instruction's posterior mean. Under each annotated model's official weights and its own
+   length features, every grid value of d_i has a likelihood for that model's judged (soft)
+   preference on instruction i; the product over models times the prior gives d_i's posterior,
+   and its mean is the estimate (the regression-calibration choice: noisy values shrunk toward
+   the prior, so a GLM fitted on them is not attenuated).
+3. An affine calibration a d + b that best reproduces the leaderboard's LC of every leaderboard
+   model from its official weights (shrinkage narrows the spread a little; this restores the scale
+   the official weights were fitted at).
+
+A model whose score is being validated is left out of every step (its annotations, its weights
+and its leaderboard row): `estimate_difficulty(..., exclude=[name])` is what a new model gets.
 
 df_gamed (the verbose and concise baselines judged against the baseline) is synthesised from the
 official GLM weights of `gpt4_1106_preview_verbose` / `_concise` and their leaderboard average
@@ -94,23 +102,30 @@ def lc_from_official_weights(difficulty_values: np.ndarray) -> Any:
 
 def model_features(rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
     """(preference in [0, 1], tanh(std_delta_len)) of one model's annotations, as in the GLM."""
-    pref = np.array([float(r["preference"]) for r in rows])
+    pref = np.array([np.nan if r["preference"] is None else float(r["preference"]) for r in rows])
     pref = np.where(pref == 0.0, 1.5, pref) - 1.0
     delta = np.array([len(r["output_1"]) - len(r["output_2"]) for r in rows], float)
     return pref, np.tanh(delta / delta.std(ddof=1))
 
 
-def estimate_difficulty(annotations: dict[str, list[dict]], eval_instructions: list[str],
-                        exclude_from_prior: Iterable[str] = ()) -> np.ndarray:
-    """Difficulty per eval instruction from annotated leaderboard models (name → annotation rows)."""
+def usable_models(annotations: dict[str, list[dict]]) -> list[str]:
+    """The annotated models that can inform the estimate: those with official GLM weights."""
     weights = official_weights()
-    pi, _ = leaderboard_prior(exclude_from_prior)
+    return [m for m in annotations if m in weights.index and m != BASELINE]
+
+
+def posterior_mean(annotations: dict[str, list[dict]], eval_instructions: list[str],
+                   exclude: Iterable[str] = ()) -> np.ndarray:
+    """Step 2: each instruction's posterior-mean difficulty under the step-1 prior."""
+    exclude = set(exclude)
+    weights = official_weights()
+    pi, _ = leaderboard_prior(exclude)
     position = {s: i for i, s in enumerate(eval_instructions)}
     log_lik = np.zeros((len(eval_instructions), len(GRID)))
-    for name, rows in annotations.items():
-        if name not in weights.index:
-            raise ValueError(f"{name!r} has no official GLM weights; only leaderboard models can inform the estimate")
-        w = weights.loc[name]
+    for name in usable_models(annotations):
+        if name in exclude:
+            continue
+        w, rows = weights.loc[name], annotations[name]
         pref, tanh_len = model_features(rows)
         ok = ~np.isnan(pref)
         logit = w["theta"] + w["phi"] * tanh_len[ok, None] + w["psi"] * GRID[None, :]
@@ -121,10 +136,52 @@ def estimate_difficulty(annotations: dict[str, list[dict]], eval_instructions: l
     log_post -= log_post.max(axis=1, keepdims=True)
     post = np.exp(log_post)
     post /= post.sum(axis=1, keepdims=True)
-    posterior_mean = post @ GRID
-    ranks = (np.argsort(np.argsort(posterior_mean, kind="stable"), kind="stable") + 0.5) / len(posterior_mean)
-    # Grid point k holds the probability mass around it: its mid-mass rank is cdf_k - pi_k / 2.
-    return np.interp(ranks, np.cumsum(pi) - pi / 2, GRID)
+    return post @ GRID
+
+
+def calibrate(values: np.ndarray, exclude: Iterable[str] = ()) -> tuple[np.ndarray, float]:
+    """Step 3: a d + b fitted so that the official weights reproduce the leaderboard's LC of
+    every leaderboard model not excluded; returns (calibrated values, max LC error in points)."""
+    from scipy.optimize import least_squares
+
+    j = official_leaderboard().join(official_weights(), how="inner")
+    j = j[~j.index.isin([BASELINE, *exclude])]
+    theta, psi = j["theta"].to_numpy()[:, None], j["psi"].to_numpy()[:, None]
+    target = j["length_controlled_winrate"].to_numpy()
+
+    def residual(ab: np.ndarray) -> np.ndarray:
+        return _sigmoid(theta + psi * (ab[0] * values[None, :] + ab[1])).mean(axis=1) * 100 - target
+
+    fit = least_squares(residual, [1.0, 0.0])
+    return fit.x[0] * values + fit.x[1], float(np.abs(fit.fun).max())
+
+
+def estimate_difficulty(annotations: dict[str, list[dict]], eval_instructions: list[str],
+                        exclude: Iterable[str] = ()) -> np.ndarray:
+    """Difficulty per eval instruction from annotated leaderboard models (name → annotation rows),
+    without the models in `exclude` (their annotations, weights and leaderboard rows)."""
+    exclude = list(exclude)
+    if not [m for m in usable_models(annotations) if m not in exclude]:
+        raise ValueError("no annotated leaderboard model with official GLM weights to estimate difficulty from")
+    values, _ = calibrate(posterior_mean(annotations, eval_instructions, exclude), exclude)
+    return values
+
+
+def read_model_annotations(paths: Iterable[str | Path]) -> dict[str, list[dict]]:
+    """Annotation files (or directories searched for `annotations.json(.gz)`), keyed by generator."""
+    from sp2dpo.evaluate.protocol import read_json_list
+
+    files: list[Path] = []
+    for path in map(Path, paths):
+        files += sorted(path.rglob("annotations.json*")) if path.is_dir() else [path]
+    out: dict[str, list[dict]] = {}
+    for f in files:
+        rows = read_json_list(f, "annotations file")
+        names = {r["generator_2"] for r in rows}
+        if len(names) != 1:
+            raise ValueError(f"{f}: several generator_2 values {sorted(names)[:3]}")
+        out[names.pop()] = rows
+    return out
 
 
 def synthetic_gamed(difficulty_values: np.ndarray, reference_lengths: np.ndarray) -> Any:
@@ -146,7 +203,7 @@ def synthetic_gamed(difficulty_values: np.ndarray, reference_lengths: np.ndarray
 
 
 def packaged_estimate(eval_instructions: list[str]) -> np.ndarray:
-    """The shipped estimate (made from the three annotated models in tests/data/alpaca_eval)."""
+    """The shipped estimate (made from every annotated leaderboard model, see data/NOTICE)."""
     from sp2dpo.evaluate.lc import read_instruction_difficulty
 
     return read_instruction_difficulty(data_path(ESTIMATE_FILE), eval_instructions)
@@ -155,20 +212,22 @@ def packaged_estimate(eval_instructions: list[str]) -> np.ndarray:
 def main() -> None:
     import pandas as pd
 
-    from sp2dpo.evaluate.protocol import load_eval_set, read_json_list
+    from sp2dpo.evaluate.protocol import load_eval_set
 
     parser = argparse.ArgumentParser(description="Estimate AlpacaEval instruction difficulty offline.")
-    parser.add_argument("annotations", nargs="+", help="annotations.json(.gz) of leaderboard models (GPT-4 Turbo judge)")
+    parser.add_argument("annotations", nargs="+",
+                        help="annotations.json(.gz) files of leaderboard models (GPT-4 Turbo judge), or directories holding them")
+    parser.add_argument("--exclude", nargs="*", default=[], help="models to leave out (annotations, weights, leaderboard row)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     instructions = [r["instruction"] for r in load_eval_set()]
-    annotations: dict[str, list[dict]] = {}
-    for path in args.annotations:
-        rows = read_json_list(path, "annotations file")
-        annotations[rows[0]["generator_2"]] = rows
-    values = estimate_difficulty(annotations, instructions)
-    pd.DataFrame({"instruction_difficulty": values}).to_csv(args.out, float_format="%.6f")
-    print(f"wrote {args.out}: {len(values)} instructions from {sorted(annotations)}")
+    annotations = read_model_annotations(args.annotations)
+    values = estimate_difficulty(annotations, instructions, exclude=args.exclude)
+    pd.DataFrame({"instruction_difficulty": values}).rename_axis("index").to_csv(args.out, float_format="%.6f")
+    used = [m for m in usable_models(annotations) if m not in args.exclude]
+    skipped = sorted(set(annotations) - set(used))
+    print(f"wrote {args.out}: {len(values)} instructions from {len(used)} models {used}"
+          + (f"; skipped (no official weights or excluded): {skipped}" if skipped else ""))
 
 
 if __name__ == "__main__":
