@@ -443,6 +443,16 @@ def _shared_nothing_provider_class():
                             TAG_RAY_NODE_NAME: node_id, TAG_RAY_NODE_STATUS: STATUS_UP_TO_DATE, **tags}
                 self._nodes[node_id] = {"tags": all_tags, "proc": proc}
 
+        def non_terminated_nodes(self, tag_filters):
+            # A node whose `ray start` has exited (e.g. its raylet gave up waiting for its agents on
+            # an overloaded machine) is terminated, as a cloud reports a dead instance: the
+            # autoscaler then launches a replacement instead of waiting for it forever.
+            with self.lock:
+                for node_id, node in list(self._nodes.items()):
+                    if "proc" in node and node["proc"].poll() is not None:
+                        del self._nodes[node_id]
+            return super().non_terminated_nodes(tag_filters)
+
         def _terminate_node(self, node):
             _kill_tree(node["proc"])
 
