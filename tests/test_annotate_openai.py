@@ -188,7 +188,7 @@ def _openai_config(url: str, pairs: str, out: str, **kw):
     openai = {"base_url": f"{url}/v1", "timeout_s": 1.0, "max_retries": 2, "backoff_s": 0.05, "concurrency": 3,
               **kw.pop("openai", {})}
     return AnnotateConfig(pairs=pairs, out=out, teacher="openai", model="teacher-x", openai=openai,
-                          pool={"batch_size": 16}, **kw)
+                          pool={"batch_size": 16, **kw.pop("pool", {})}, **kw)
 
 
 def test_faulty_server_through_ray_never_crashes(ray_local, faulty_server, tmp_path):
@@ -274,6 +274,47 @@ def test_api_key_comes_from_the_environment(faulty_server, monkeypatch):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_max_concurrent_batches_is_validated_and_reaches_ray_data():
+    from pydantic import ValidationError
+
+    from sp2dpo.annotate import AnnotateConfig
+    from sp2dpo.annotate.run import _pool_resources
+
+    with pytest.raises(ValidationError, match="max_concurrent_batches"):
+        AnnotateConfig(teacher="vllm", pool={"max_concurrent_batches": 0})
+    assert AnnotateConfig(teacher="vllm").pool.max_concurrent_batches == 4
+    compute = _pool_resources(AnnotateConfig(teacher="vllm", pool={"max_concurrent_batches": 3}))["compute"]
+    assert compute.max_concurrent_calls_per_actor == 3 and compute.enable_true_multi_threading
+    one = _pool_resources(AnnotateConfig(teacher="vllm", pool={"max_concurrent_batches": 1}))["compute"]
+    assert one.max_concurrent_calls_per_actor == 1 and not one.enable_true_multi_threading
+
+
+def test_batches_overlap_in_one_actor_under_one_bound(ray_local, faulty_server, tmp_path):
+    """One actor, batches of 2 pairs: one batch at a time never has more than 2 requests in
+    flight; 4 batches at once fill the engine's bound of 6 (shared, never exceeded), with the
+    same rows."""
+    import httpx
+
+    from sp2dpo.annotate import annotate
+    from sp2dpo.annotate.store import read_shards
+
+    pairs = _pairs(tmp_path / "pairs.parquet", ["steady"] * 24)
+    seen = {}
+    for k in (1, 4):
+        httpx.post(f"{faulty_server}/reset")
+        out = str(tmp_path / f"ann{k}")
+        cfg = _openai_config(faulty_server, pairs, out, openai={"concurrency": 6},
+                             pool={"batch_size": 2, "max_concurrent_batches": k})
+        summary = annotate(cfg, show_progress=False)
+        assert summary["annotated"] == 24 and summary["failed"] == 0
+        stats = httpx.get(f"{faulty_server}/stats").json()
+        assert stats["requests"] == 24
+        seen[k] = (stats["max_in_flight"], sorted((r["pair_id"], r["raw_text"], r["category"])
+                                                  for r in read_shards(out).to_pylist()))
+    assert seen[1][0] <= 2 < seen[4][0] <= 6
+    assert seen[1][1] == seen[4][1]
 
 
 @pytest.mark.slow

@@ -82,6 +82,10 @@ class PoolOptions(StageConfig):
     num_gpus: float | None = None
     num_cpus: float = Field(1.0, ge=0)
     batch_size: int = Field(16, ge=1)  # pairs per map_batches call (vLLM batches them internally)
+    # Batches each actor works on at once, so its engine never drains between batches: vllm feeds
+    # them all into one running engine, openai shares one `openai.concurrency` bound, transformers
+    # still runs them one at a time. 1: one batch after another (a synchronous `LLM.chat` each).
+    max_concurrent_batches: int = Field(4, ge=1)
 
     @model_validator(mode="after")
     def _order(self) -> "PoolOptions":

@@ -7,14 +7,23 @@ An engine turns a list of chat conversations into `Generation`s and never raises
 request: a request that fails for good comes back with `error` set, and becomes a failed row
 (with the reason) instead of crashing a 60k-pair run. The same engine object runs inside a Ray Data
 actor (sp2dpo/annotate/run.py) or in a plain loop (the benchmark's baseline).
+
+`generate` is safe to call from several threads at once: a Ray Data actor works on
+`pool.max_concurrent_batches` batches together, so the engine never drains between batches. The
+vLLM engine then feeds every batch into one engine loop (continuous batching across batches, as
+`ray.data.llm` does with its async engine), the OpenAI engine shares one event loop, connection
+pool and `openai.concurrency` bound, and the transformers engine runs one batch at a time.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
+import queue
 import random
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from sp2dpo.annotate.config import AnnotateConfig
@@ -101,9 +110,15 @@ class VLLMEngine:
             structured = StructuredOutputsParams(json=teacher_schema(gen.rationale_max_chars))
         self.sampling = SamplingParams(temperature=gen.temperature, max_tokens=gen.max_tokens, seed=gen.seed,
                                        structured_outputs=structured)
+        self.loop: _EngineLoop | None = None
+        if config.pool.max_concurrent_batches > 1:
+            self.loop = _EngineLoop(self.llm, self.sampling)
 
     def generate(self, conversations: list[list[dict[str, str]]]) -> list[Generation]:
-        outputs = self.llm.chat(conversations, self.sampling, use_tqdm=False)
+        if self.loop is not None:
+            outputs = self.loop.generate(conversations)
+        else:
+            outputs = self.llm.chat(conversations, self.sampling, use_tqdm=False)
         result = []
         for out in outputs:
             completion = out.outputs[0]
@@ -112,7 +127,102 @@ class VLLMEngine:
         return result
 
     def close(self) -> None:
+        if self.loop is not None:
+            self.loop.close()
         del self.llm
+
+
+@dataclass
+class _Job:
+    """One caller's conversations in the engine loop: outputs by position, set when all are in."""
+
+    prompts: list[dict]
+    outputs: list[Any] = field(default_factory=list)
+    left: int = 0
+    error: BaseException | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class _EngineLoop:
+    """One thread steps the `vllm.LLM`'s engine; any thread adds conversations and waits for them.
+
+    `LLM.chat` adds a batch, then steps until that batch is finished, so the engine runs a
+    shrinking batch towards the end of each call. Here requests from every caller join the running
+    engine as they come (continuous batching across batches), and each caller gets its own
+    outputs back. Prompts are rendered as `LLM.chat` renders them: the chat template as text, then
+    its tokens without special tokens added.
+    """
+
+    def __init__(self, llm: Any, sampling: Any):
+        from vllm.sampling_params import RequestOutputKind
+
+        self.engine = llm.llm_engine
+        self.tokenizer = llm.get_tokenizer()
+        self.sampling = sampling.clone()
+        self.sampling.output_kind = RequestOutputKind.FINAL_ONLY  # one output per request, when it ends
+        self.ids = itertools.count()
+        self.tokenizer_lock = threading.Lock()  # a fast tokenizer is not safe to share between threads
+        self.submitted: queue.Queue[_Job | None] = queue.Queue()
+        self.thread = threading.Thread(target=self._run, name="vllm-engine-loop", daemon=True)
+        self.thread.start()
+
+    def generate(self, conversations: list[list[dict[str, str]]]) -> list[Any]:
+        with self.tokenizer_lock:
+            prompts = []
+            for conversation in conversations:
+                text = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+                prompts.append({"prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)})
+        if not prompts:
+            return []
+        job = _Job(prompts, [None] * len(prompts), len(prompts))
+        self.submitted.put(job)
+        job.done.wait()
+        if job.error is not None:
+            raise RuntimeError(f"the vLLM engine loop failed: {job.error}") from job.error
+        return job.outputs
+
+    def _run(self) -> None:
+        waiting: dict[str, tuple[_Job, int]] = {}
+        while True:
+            jobs: list[_Job | None] = []
+            try:
+                # Block for work only when the engine is idle; else take whatever arrived and step.
+                if not waiting:
+                    jobs.append(self.submitted.get())
+                while True:
+                    try:
+                        jobs.append(self.submitted.get_nowait())
+                    except queue.Empty:
+                        break
+                if any(j is None for j in jobs):
+                    return
+                for job in jobs:
+                    for position, prompt in enumerate(job.prompts):
+                        request_id = f"sp2dpo-{next(self.ids)}"
+                        self.engine.add_request(request_id, prompt, self.sampling)
+                        waiting[request_id] = (job, position)
+                for out in self.engine.step():
+                    if out.finished and out.request_id in waiting:
+                        job, position = waiting.pop(out.request_id)
+                        job.outputs[position] = out
+                        job.left -= 1
+                        if job.left == 0:
+                            job.done.set()
+            except BaseException as exc:  # every waiting caller hears of it, none hangs
+                for job in {id(j): j for j in [j for j, _ in waiting.values()] + jobs if j is not None}.values():
+                    job.error = exc
+                    job.done.set()
+                try:
+                    self.engine.abort_request(list(waiting))
+                except Exception:
+                    pass
+                waiting.clear()
+                if not isinstance(exc, Exception):
+                    raise
+
+    def close(self) -> None:
+        self.submitted.put(None)
+        self.thread.join(timeout=60)
 
 
 # ----------------------------------------------------------------------------- transformers
@@ -138,8 +248,13 @@ class TransformersEngine:
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
         self.device = device
         self.generation = config.generation
+        self.lock = threading.Lock()  # one padded batch at a time: generate() cannot merge batches
 
     def generate(self, conversations: list[list[dict[str, str]]]) -> list[Generation]:
+        with self.lock:
+            return self._generate(conversations)
+
+    def _generate(self, conversations: list[list[dict[str, str]]]) -> list[Generation]:
         import torch
 
         texts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations]
@@ -175,8 +290,9 @@ RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504}
 class OpenAIEngine:
     """Async client, bounded concurrency, per-request timeout, retries with exponential backoff.
 
-    One event loop per engine (an AsyncOpenAI client belongs to the loop it was created on), so a
-    Ray actor reuses its connections across batches.
+    One event loop per engine, in its own thread (an AsyncOpenAI client belongs to the loop it was
+    created on): a Ray actor reuses its connections across batches, and the batches it works on at
+    once share the one `concurrency` bound.
     """
 
     def __init__(self, config: AnnotateConfig):
@@ -188,6 +304,9 @@ class OpenAIEngine:
         self.generation = config.generation
         api_key = os.environ.get(opts.api_key_env) or "EMPTY"  # local servers take any key
         self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="openai-teacher-loop", daemon=True)
+        self.thread.start()
+        self.semaphore = asyncio.Semaphore(opts.concurrency)  # requests in flight, over every batch
         self.client = openai.AsyncOpenAI(api_key=api_key, base_url=opts.base_url, timeout=opts.timeout_s,
                                          max_retries=0)  # retries are ours: counted and bounded below
         self.retries = 0  # retries made, for the summary
@@ -237,14 +356,15 @@ class OpenAIEngine:
         return Generation(None, error=f"gave up after {self.opts.max_retries + 1} attempts: {last}")
 
     async def _all(self, conversations: list[list[dict[str, str]]]) -> list[Generation]:
-        semaphore = asyncio.Semaphore(self.opts.concurrency)
-        return await asyncio.gather(*(self._one(c, semaphore) for c in conversations))
+        return await asyncio.gather(*(self._one(c, self.semaphore) for c in conversations))
 
     def generate(self, conversations: list[list[dict[str, str]]]) -> list[Generation]:
-        return self.loop.run_until_complete(self._all(conversations))
+        return asyncio.run_coroutine_threadsafe(self._all(conversations), self.loop).result()
 
     def close(self) -> None:
-        self.loop.run_until_complete(self.client.close())
+        asyncio.run_coroutine_threadsafe(self.client.close(), self.loop).result()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join()
         self.loop.close()
 
 

@@ -113,10 +113,14 @@ def _pool_resources(config: AnnotateConfig) -> dict[str, Any]:
 
     pool = config.pool
     num_gpus = teacher_gpus(config)
+    # max_concurrent_batches calls of TeacherActor run in threads of one actor at once (Ray Data
+    # keeps twice as many batches queued at it); the engines are safe to share between them.
+    k = pool.max_concurrent_batches
+    concurrency = {"max_concurrent_calls_per_actor": k, "enable_true_multi_threading": k > 1}
     if pool.min_actors == pool.max_actors:
-        compute = ray.data.ActorPoolStrategy(size=pool.min_actors)
+        compute = ray.data.ActorPoolStrategy(size=pool.min_actors, **concurrency)
     else:  # Ray Data adds actors while work queues up and the cluster has room (autoscaling)
-        compute = ray.data.ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors)
+        compute = ray.data.ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors, **concurrency)
     return {"compute": compute, "num_gpus": num_gpus, "num_cpus": pool.num_cpus}
 
 
@@ -152,7 +156,9 @@ def stream_annotations(config: AnnotateConfig, pairs_uri: str, todo: list[str]) 
             _ratings, fn_kwargs={"options": config.ratings.model_dump(), "prompt_version": config.resolved_prompt_version},
             batch_format="pyarrow", batch_size=None)
     else:
-        step = config.pool.batch_size * 4
+        # One batch per block: a Ray Data task runs its blocks' batches one after another, so
+        # batches overlap in an actor only when they come as separate tasks.
+        step = config.pool.batch_size if config.pool.max_concurrent_batches > 1 else config.pool.batch_size * 4
         blocks = [table.slice(i, step) for i in range(0, table.num_rows, step)] or [table]
         ds = ray.data.from_arrow(blocks).map_batches(
             TeacherActor, fn_constructor_kwargs={"config": config.model_dump()}, batch_format="pyarrow",
