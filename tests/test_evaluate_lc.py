@@ -17,8 +17,13 @@ from typer.testing import CliRunner
 
 from sp2dpo.cli import app
 from sp2dpo.evaluate.config import EvaluateConfig
-from sp2dpo.evaluate.difficulty import (estimate_difficulty, official_leaderboard, packaged_estimate,
-                                        read_model_annotations, synthetic_gamed)
+from sp2dpo.evaluate.difficulty import (
+    estimate_difficulty,
+    official_leaderboard,
+    packaged_estimate,
+    read_model_annotations,
+    synthetic_gamed,
+)
 from sp2dpo.evaluate.paired import paired_comparison
 from sp2dpo.evaluate.protocol import load_eval_set
 from sp2dpo.evaluate.score import score_annotations
@@ -80,7 +85,7 @@ def _offline_env(hf_home: Path) -> dict[str, str]:
 
 def _cli_json(args: list[str], env: dict[str, str]) -> dict:
     proc = subprocess.run([sys.executable, "-m", "sp2dpo.cli", *args, "--json"], env=env, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -169,7 +174,7 @@ def test_lc_equals_alpaca_eval_with_the_hub_file(model, n_missing, tmp_path, eva
     script = tmp_path / "parity.py"
     script.write_text(PARITY)
     proc = subprocess.run([sys.executable, str(script), str(path)], env=_offline_env(tmp_path / "hf"),
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["source"].startswith("hub")

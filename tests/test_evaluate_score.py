@@ -13,7 +13,12 @@ import pytest
 from typer.testing import CliRunner
 
 from sp2dpo.cli import app
-from sp2dpo.evaluate.difficulty import lc_from_official_weights, leaderboard_prior, official_leaderboard, packaged_estimate
+from sp2dpo.evaluate.difficulty import (
+    lc_from_official_weights,
+    leaderboard_prior,
+    official_leaderboard,
+    packaged_estimate,
+)
 from sp2dpo.evaluate.protocol import is_switched, load_eval_set, parse_preference
 from sp2dpo.evaluate.score import score_annotations
 

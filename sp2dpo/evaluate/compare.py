@@ -89,8 +89,8 @@ def _markdown(rows: list[dict], base: str) -> str:
     lines += [f"\n[{i}] LC win rate {note}" for i, note in enumerate(notes, 1)]
     paired = [r for r in rows if r["paired"]]
     if paired:
-        lines += ["", f"Differences against {base} (run minus {base}, points; paired bootstrap 95% CI over the "
-                      "instructions both judged; p: paired sign-flip test):", "",
+        lines += ["", (f"Differences against {base} (run minus {base}, points; paired bootstrap 95% CI over the "
+                       "instructions both judged; p: paired sign-flip test):"), "",
                   "| run | n shared | ΔWR | 95% CI | p | ΔLC | 95% CI | p |", "|---|---:|---:|---|---:|---:|---|---:|"]
         for r in paired:
             cells = []

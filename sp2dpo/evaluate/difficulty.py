@@ -33,9 +33,10 @@ and its preference is the gamed model's own GLM prediction on that instruction.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 

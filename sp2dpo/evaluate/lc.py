@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import io
 import warnings
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,7 @@ def length_controlled_winrate(
     len_baseline: np.ndarray,
     len_model: np.ndarray,
     difficulty: np.ndarray,
-    gamed: "Any | None" = None,
+    gamed: Any | None = None,
     glm: str = "length_controlled_v1",
     contributions: bool = False,
 ) -> dict[str, Any]:
@@ -177,7 +177,7 @@ def hub_file(filename: str) -> str | None:
         return None
 
 
-@lru_cache(maxsize=None)
+@cache
 def _hub_reachable(endpoint: str) -> bool:
     import socket
     from urllib.parse import urlparse
@@ -223,7 +223,7 @@ def read_instruction_difficulty(path: str | Path, eval_instructions: list[str]) 
     return values
 
 
-def read_df_gamed(path: str | Path) -> "Any":
+def read_df_gamed(path: str | Path) -> Any:
     """AlpacaEval's `df_gamed.csv` (annotations of the verbose/concise baselines against the
     baseline, with their features). Preferences given in [1, 2] are moved to [0, 1]."""
     import pandas as pd
@@ -240,7 +240,7 @@ def read_df_gamed(path: str | Path) -> "Any":
     return df
 
 
-def difficulty_from_df_gamed(df_gamed: "Any", n: int) -> np.ndarray:
+def difficulty_from_df_gamed(df_gamed: Any, n: int) -> np.ndarray:
     """The difficulty column of df_gamed, per eval-set position (what alpaca_eval does with it)."""
     first = df_gamed.drop_duplicates("index").set_index("index")["instruction_difficulty"]
     if set(first.index) != set(range(n)):
