@@ -131,7 +131,7 @@ def _strategy_steps(tiny_model_dir, ref_artifact, pairs, cfg, steps, start=0, ch
     examples = tokenize_table(table, tok, 256)
     collate = PerPairCollator(tok.pad_token_id, max_length=256)
     strategy = TorchStrategy(cfg, 1, 0, torch.device("cpu"))
-    strategy.prepare(model)
+    strategy.prepare(model, total_steps=4)  # one schedule over 4 steps, so split and straight runs agree
     if checkpoint_in:
         strategy.load_checkpoint(checkpoint_in)
     grads_after_backward = []

@@ -185,3 +185,31 @@ def test_trl_route_trains_a_step(sample, tiny_model_dir, tmp_path):
     assert result.global_step == 2
     logged = [h for h in ours.state.log_history if "beta/mean" in h]
     assert logged and all(0 < h["beta/mean"] for h in logged)
+
+
+def test_label_smoothing_equals_trl_robust_and_trl_sigmoid_ignores_it(sample, tiny_model_dir, tmp_path):
+    """On the same log-probs: our robust loss with label smoothing is TRL 1.16's, and plain sigmoid
+    is TRL's. TRL's sigmoid ignores label_smoothing (ours would add the conservative-DPO term),
+    which is why TrainConfig and PerPairBetaDPOTrainer refuse that combination."""
+    from trl import DPOTrainer
+
+    from sp2dpo.train.trl_trainer import PerPairBetaDPOTrainer
+
+    trl_losses, our_losses = {}, {}
+    for loss_type, eps in (("robust", 0.2), ("sigmoid", 0.0), ("sigmoid", 0.2)):
+        stock = _trainer(DPOTrainer, tiny_model_dir, tmp_path / f"{loss_type}-{eps}", _dataset(sample),
+                         loss_type=[loss_type], label_smoothing=eps)
+        batch = stock.data_collator([stock.train_dataset[i] for i in range(8)])
+        trl_losses[loss_type, eps], _ = _loss_and_grads(stock, batch)
+        with torch.no_grad():
+            pc, pr = stock.compute_ref_log_probs(stock.model, batch)
+            rc, rr = stock.compute_ref_log_probs(stock.ref_model, batch)
+        our_losses[loss_type, eps] = dpo_loss(pc, pr, rc, rr, BASE_BETA, loss_type, eps).losses.mean()
+    torch.testing.assert_close(our_losses["robust", 0.2], trl_losses["robust", 0.2], rtol=0, atol=1e-6)
+    torch.testing.assert_close(our_losses["sigmoid", 0.0], trl_losses["sigmoid", 0.0], rtol=0, atol=1e-6)
+    assert abs(trl_losses["robust", 0.2].item() - trl_losses["sigmoid", 0.0].item()) > 1e-3  # ε really acts
+    torch.testing.assert_close(trl_losses["sigmoid", 0.2], trl_losses["sigmoid", 0.0], rtol=0, atol=0)
+    assert abs(our_losses["sigmoid", 0.2].item() - trl_losses["sigmoid", 0.2].item()) > 1e-3
+    with pytest.raises(ValueError, match="no effect on loss_type.*sigmoid"):
+        _trainer(PerPairBetaDPOTrainer, tiny_model_dir, tmp_path / "refused", _dataset(sample, BASE_BETA),
+                 label_smoothing=0.2)

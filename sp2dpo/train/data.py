@@ -121,35 +121,121 @@ def per_pair_tensors(examples: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def tokenizer_hash(tokenizer: Any) -> str:
-    """Hash of the vocabulary and special tokens: two tokenizers with the same hash give the same ids."""
+    """Hash of everything that turns text into ids: vocabulary, special tokens, and the tokenizer's
+    pipeline (normalizer, pre-tokenizer, BPE merges, post-processor, added tokens). Two tokenizers
+    with the same vocabulary but other merges or another normalizer split text differently."""
     payload = json.dumps(
         {"vocab": sorted(tokenizer.get_vocab().items()), "special": tokenizer.special_tokens_map,
-         "bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id},
+         "bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "pipeline": _tokenizer_pipeline(tokenizer)},
         sort_keys=True, default=str,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def reference_tag(model_id: str, tokenizer: Any, max_length: int | None) -> dict[str, Any]:
+def _tokenizer_pipeline(tokenizer: Any) -> Any:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        # Padding and truncation are call-time settings a library may change; they split nothing.
+        return {k: v for k, v in spec.items() if k not in ("truncation", "padding")}
+    sp_model = getattr(tokenizer, "sp_model", None)
+    if sp_model is not None:  # slow SentencePiece tokenizers: the model proto holds pieces and normalizer
+        return hashlib.sha256(sp_model.serialized_model_proto()).hexdigest()
+    ranks = getattr(tokenizer, "bpe_ranks", None)  # slow BPE tokenizers
+    return sorted((" ".join(pair), rank) for pair, rank in ranks.items()) if ranks else None
+
+
+# Bytes read per tensor for the weights digest: a window at the start, middle and end of each.
+DIGEST_WINDOW_BYTES = 4096
+
+
+def weights_digest(model_id: str) -> str:
+    """A cheap fingerprint of a model's weights: a few MB read however large the model is.
+
+    Per weights file (the `*.safetensors` files, or the `*.bin` files when there are none; sorted
+    by name): its name and size, the safetensors header (tensor names, dtypes, shapes, offsets),
+    and for every tensor DIGEST_WINDOW_BYTES at the start, middle and end of its data (a `.bin`
+    file: 64 windows spread over the file). Fine-tuning, or merging an adapter, changes whole
+    weight matrices, so every changed tensor changes the digest although names, shapes and sizes
+    agree; an edit confined to a few elements between the windows is not seen. A hub id that is
+    not a local directory is fingerprinted by the commit of its cached snapshot
+    (`hub:<id>@<commit>`)."""
+    from sp2dpo.models import resolve_model
+
+    path = resolve_model(model_id)
+    if not os.path.isdir(path):
+        return _hub_revision(path)
+    names = os.listdir(path)
+    files = sorted(f for f in names if f.endswith(".safetensors")) or sorted(f for f in names if f.endswith(".bin"))
+    if not files:
+        raise ArtifactError(f"{path} holds no weights file (*.safetensors, *.bin): cannot fingerprint the reference")
+    h = hashlib.sha256()
+    for name in files:
+        with open(os.path.join(path, name), "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            h.update(f"{name}:{size}".encode())
+            if name.endswith(".safetensors"):
+                header_len = int.from_bytes(f.read(8), "little")
+                header = f.read(header_len)
+                h.update(header)
+                spans = [(8 + header_len + info["data_offsets"][0], 8 + header_len + info["data_offsets"][1])
+                         for key, info in sorted(json.loads(header).items()) if key != "__metadata__"]
+            else:
+                spans = [(size * i // 64, size * (i + 1) // 64) for i in range(64)]
+            for begin, stop in spans:
+                w = min(DIGEST_WINDOW_BYTES, stop - begin)
+                for offset in sorted({begin, begin + (stop - begin - w) // 2, stop - w}):
+                    f.seek(offset)
+                    h.update(f.read(w))
+    return h.hexdigest()[:16]
+
+
+def _hub_revision(model_id: str) -> str:
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(model_id, "config.json")
+    if not isinstance(cached, str):
+        raise ArtifactError(f"reference model {model_id!r} is neither a local directory nor in the hub cache: "
+                            "download it first (or pass a local path) so its weights can be fingerprinted")
+    return f"hub:{model_id}@{os.path.basename(os.path.dirname(cached))}"
+
+
+def reference_tag(model_id: str, tokenizer: Any, max_length: int | None, dtype: str = "float32") -> dict[str, Any]:
     """What the offline reference log-probs depend on; stored in the artifact, checked at training."""
     template = tokenizer.chat_template or ""
+    digest = weights_digest(model_id)
     # A local path is stored absolute, so `./m` and `/abs/m` (as Ray workers see it) match.
     if os.path.exists(model_id):
         model_id = os.path.abspath(model_id)
     return {
         "model_id": model_id,
+        "weights_digest": digest,
+        "dtype": dtype,
         "tokenizer_hash": tokenizer_hash(tokenizer),
         "max_length": max_length,
         "chat_template_hash": hashlib.sha256(template.encode()).hexdigest()[:16],
     }
 
 
+# For each tag field, what to change when the artifact's value differs from training's.
+TAG_FIXES = {
+    "model_id": "set reference_model (or model) to the artifact's reference, or recompute",
+    "weights_digest": "the reference model's weights are not the ones scored; recompute",
+    "dtype": "set dtype to the artifact's, or recompute with `--set dtype=<training's dtype>`",
+    "tokenizer_hash": "the tokenizer (vocabulary, merges, normalizer or special tokens) changed; recompute",
+    "max_length": "set max_length to the artifact's, or recompute with training's max_length",
+    "chat_template_hash": "the chat template changed; recompute",
+}
+
+
 def check_reference(metadata: dict[str, Any], expected: dict[str, Any], artifact_path: str) -> None:
-    """Refuse reference log-probs computed for another model, tokenizer, template or max_length."""
+    """Refuse reference log-probs computed for another model, weights, dtype, tokenizer, template
+    or max_length, naming the setting to change for each difference."""
     found = metadata.get("reference")
     if not found:
         raise ArtifactError(f"{artifact_path} has reference log-probs but no `reference` tag saying which model made them")
-    diffs = [f"{k}: artifact {found.get(k)!r} vs training {v!r}" for k, v in expected.items() if found.get(k) != v]
+    diffs = [f"{k}: artifact {found.get(k)!r} vs training {v!r} ({TAG_FIXES.get(k, 'recompute')})"
+             for k, v in expected.items() if found.get(k) != v]
     if diffs:
         raise ArtifactError(
             f"{artifact_path}: its reference log-probs belong to another reference ({'; '.join(diffs)}); "

@@ -8,8 +8,9 @@ The pass is a Ray Data `map_batches` over the training rows with a pool of `Refe
 actors (each loads the model once); `engine=local` runs the same scorer in this process. The
 output is the input artifact with two columns added — `ref_chosen_logps`, `ref_rejected_logps`,
 summed over the completion tokens of the answers *as trained* (after flips), null for dropped
-pairs — and its `sp2dpo.*` metadata kept, plus `reference = {model_id, tokenizer_hash, max_length,
-chat_template_hash}`. Training refuses log-probs whose tag does not match its own reference.
+pairs — and its `sp2dpo.*` metadata kept, plus `reference = {model_id, weights_digest, dtype,
+tokenizer_hash, max_length, chat_template_hash}`. Training refuses log-probs whose tag does not
+match its own reference, naming the setting to change.
 
 The sequences are the ones training sees: same chat template, same tokenization
 (`data.tokenize_pair`), same `max_length` truncation, and the same heads and batch layouts the
@@ -41,7 +42,7 @@ class ReferenceConfig(StageConfig):
     model: str = "smollm2"  # the reference model: usually the student's starting point
     max_length: int | None = 1024  # must equal training's max_length (stored in the tag)
     batch_size: int = Field(8, ge=1)  # pairs per forward pass
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # must equal training's dtype (stored in the tag)
     shared_prompt: bool = True  # score both answers in one row, the prompt forwarded once (same values)
     engine: Literal["local", "ray"] = "local"
     num_workers: int = Field(1, ge=1)  # Ray Data scorer actors
@@ -75,6 +76,21 @@ def load_causal_lm(model_id: str, dtype: str = "float32", device: str | None = N
     add_fused_lm_head(model)
     add_answer_scoring(model)
     return model, tokenizer
+
+
+def disable_dropout(model: Any) -> None:
+    """Dropout off, so a training-mode forward computes what the reference pass (eval mode) did.
+
+    TRL's `disable_dropout_in_model` (what `DPOConfig.disable_dropout` runs) zeroes `nn.Dropout`
+    modules; Llama-style attention applies `attention_dropout` functionally in training mode, so
+    that rate is zeroed too."""
+    import torch
+    from trl.trainer.utils import disable_dropout_in_model
+
+    disable_dropout_in_model(model)
+    for module in model.modules():
+        if isinstance(getattr(module, "attention_dropout", None), float) and not isinstance(module, torch.nn.Dropout):
+            module.attention_dropout = 0.0
 
 
 def sequence_logps(model: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
@@ -163,7 +179,7 @@ def compute_reference(cfg: ReferenceConfig, show_progress: bool = True) -> dict[
 
     from sp2dpo.models import resolve_model
 
-    tag = reference_tag(cfg.model, AutoTokenizer.from_pretrained(resolve_model(cfg.model)), cfg.max_length)
+    tag = reference_tag(cfg.model, AutoTokenizer.from_pretrained(resolve_model(cfg.model)), cfg.max_length, cfg.dtype)
     out = cfg.out_path()
     write_parquet(artifact, out, {**metadata, "reference": tag})
     seconds = time.perf_counter() - t0

@@ -17,6 +17,7 @@ resumed from a checkpoint continues exactly where it stopped.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -25,8 +26,19 @@ from typing import Any
 import torch
 
 
-def warmup_lambda(warmup_steps: int):
-    return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+def warmup_steps(cfg: Any, total_steps: int) -> int:
+    """Warm-up length as `TrainingArguments.get_warmup_steps` computes it: `warmup_steps`, or
+    ceil(total_steps × warmup_ratio)."""
+    return cfg.warmup_steps if cfg.warmup_steps else math.ceil(total_steps * cfg.warmup_ratio)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Any, total_steps: int) -> Any:
+    """`transformers.get_scheduler(cfg.lr_scheduler_type)`, the schedule HF Trainer and TRL build
+    from the same settings; stepped once per optimizer step."""
+    from transformers import get_scheduler
+
+    return get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup_steps(cfg, total_steps),
+                         num_training_steps=total_steps)
 
 
 def deepspeed_config(cfg: Any, world_size: int) -> dict[str, Any]:
@@ -72,16 +84,19 @@ class InBackwardAdamW:
     work is anything needing all gradients at once: a global-norm clip, accumulation over
     micro-batches, DDP's bucketed all-reduce; TrainConfig refuses those combinations.
 
-    The learning-rate schedule is `warmup_lambda` applied to every per-parameter optimizer, as
-    `LambdaLR` would; `param_groups` exposes the first one's groups for logging."""
+    The learning-rate schedule is `make_scheduler`'s, run on a one-parameter stand-in optimizer
+    whose rate is copied to every per-parameter optimizer after each step; `param_groups`
+    exposes the first one's groups for logging."""
 
-    def __init__(self, model: torch.nn.Module, lr: float, weight_decay: float, warmup_steps: int):
-        self.base_lr, self.schedule, self.steps = lr, warmup_lambda(warmup_steps), 0
+    def __init__(self, model: torch.nn.Module, cfg: Any, total_steps: int):
+        self.steps = 0
+        self._clock = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.learning_rate)
+        self.schedule = make_scheduler(self._clock, cfg, total_steps)
+        lr = self.schedule.get_last_lr()[0]
         self.optimizers: dict[str, torch.optim.AdamW] = {}
         for name, p in model.named_parameters():
             if p.requires_grad:
-                self.optimizers[name] = torch.optim.AdamW([p], lr=lr * self.schedule(0), weight_decay=weight_decay,
-                                                          fused=True)
+                self.optimizers[name] = torch.optim.AdamW([p], lr=lr, weight_decay=cfg.weight_decay, fused=True)
                 p.register_post_accumulate_grad_hook(self._hook(name))
 
     def _hook(self, name: str):
@@ -99,19 +114,25 @@ class InBackwardAdamW:
     def advance(self) -> None:
         """One optimizer step done (the updates already happened in backward): move the schedule."""
         self.steps += 1
-        lr = self.base_lr * self.schedule(self.steps)
+        self.schedule.step()
+        self._set_lr()
+
+    def _set_lr(self) -> None:
+        lr = self.schedule.get_last_lr()[0]
         for optimizer in self.optimizers.values():
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
     def state_dict(self) -> dict[str, Any]:
-        return {"steps": self.steps, "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()}}
+        return {"steps": self.steps, "schedule": self.schedule.state_dict(),
+                "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for name, optimizer in self.optimizers.items():
             optimizer.load_state_dict(state["optimizers"][name])
-        self.steps = state["steps"] - 1
-        self.advance()
+        self.steps = state["steps"]
+        self.schedule.load_state_dict(state["schedule"])
+        self._set_lr()
 
 
 class TorchStrategy:
@@ -119,18 +140,18 @@ class TorchStrategy:
         self.cfg, self.world_size, self.rank, self.device = cfg, world_size, rank, device
         self._micro = 0
 
-    def prepare(self, model: torch.nn.Module) -> None:
+    def prepare(self, model: torch.nn.Module, total_steps: int) -> None:
         model.to(self.device)
         self.module = model
         if self.cfg.optimizer_in_backward:
-            self.optimizer = InBackwardAdamW(model, self.cfg.learning_rate, self.cfg.weight_decay, self.cfg.warmup_steps)
+            self.optimizer = InBackwardAdamW(model, self.cfg, total_steps)
             self.scheduler = None
             self.model = model  # one worker (TrainConfig checks): no DDP
             return
         # Fused AdamW (the HF Trainer default): no param-sized temporaries, so a lower peak.
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=self.cfg.learning_rate,
                                            weight_decay=self.cfg.weight_decay, fused=True)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_lambda(self.cfg.warmup_steps))
+        self.scheduler = make_scheduler(self.optimizer, self.cfg, total_steps)
         if self.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -182,14 +203,14 @@ class DeepSpeedStrategy:
     def __init__(self, cfg: Any, world_size: int, rank: int, device: torch.device):
         self.cfg, self.world_size, self.rank, self.device = cfg, world_size, rank, device
 
-    def prepare(self, model: torch.nn.Module) -> None:
+    def prepare(self, model: torch.nn.Module, total_steps: int) -> None:
         import deepspeed
 
         # Ray Train has already created the process group (gloo on CPU, NCCL on GPUs).
         deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
         self.module = model
         optimizer = torch.optim.AdamW(model.parameters(), lr=self.cfg.learning_rate, weight_decay=self.cfg.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(self.cfg.warmup_steps))
+        scheduler = make_scheduler(optimizer, self.cfg, total_steps)
         self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler,
             config=deepspeed_config(self.cfg, self.world_size),

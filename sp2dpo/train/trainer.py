@@ -8,14 +8,17 @@ The loop (`train_loop_per_worker`) reads top to bottom like single-process PyTor
     policy log-probs of chosen and rejected (`shared_prompt`: one row per pair, the prompt
       forwarded once, only answer tokens through the LM head; or TRL's two rows and fused head)
     → dpo_loss with β_i and the *offline* reference log-probs of each pair (no reference model)
-    → strategy.backward / strategy.step (DeepSpeed ZeRO-2/3, or plain AdamW/DDP)
+    → strategy.backward / strategy.step (DeepSpeed ZeRO-2/3, or plain AdamW/DDP; the learning
+      rate from transformers.get_scheduler, as TRL builds it)
     → metrics all-reduced across workers, overall and per semantic category
     → ray.train.report(metrics, checkpoint) every `checkpoint_every` steps
 
 Before any worker starts, the driver refuses an artifact that does not cover the pairs exactly
-(`training_pairs`), or whose reference log-probs were made by another model, tokenizer, chat
-template or max_length. When the artifact has no reference log-probs yet and
-`compute_reference` is on, the driver first runs the Ray Data reference pass (`reference.py`).
+(`training_pairs`), or whose reference log-probs were made by another model, weights, dtype,
+tokenizer, chat template or max_length. When the artifact has no reference log-probs yet and
+`compute_reference` is on, the driver first runs the Ray Data reference pass (`reference.py`) with
+training's model, dtype and max_length. Dropout is off (`disable_dropout`, TRL's default), so at
+step 0 the policy computes the stored reference log-probs exactly and every margin is 0.
 
 A worker that dies (`FailureConfig(max_failures)`) makes Ray Train restart the group, which
 resumes from the last checkpoint: model, optimizer and scheduler state, the step, the metric
@@ -42,7 +45,7 @@ from typing import Any, Callable, Iterator, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sp2dpo.config import StageConfig
-from sp2dpo.storage import absolute, is_uri, join_uri, read_json, upload_dir, write_json
+from sp2dpo.storage import absolute, is_uri, join_uri, read_json, read_sp2dpo_metadata, upload_dir, write_json
 
 OTHER = "other"
 
@@ -87,10 +90,18 @@ class TrainConfig(StageConfig):
 
     # Optimisation
     loss_type: Literal["sigmoid", "robust", "hinge", "ipo"] = "sigmoid"
-    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description=(
+        "probability that a preference label is flipped, for loss_type=robust (rDPO, the same formula as TRL "
+        "1.16); refused with other losses, which TRL 1.16 computes without it"))
     learning_rate: float = Field(1e-6, gt=0)
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field("linear", description=(
+        "learning-rate schedule, by transformers.get_scheduler's name; the default is TRL's and HF Trainer's "
+        "(linear decay to 0 after the warm-up)"))
+    warmup_steps: int = Field(0, ge=0, description="optimizer steps of linear warm-up from 0 (or use warmup_ratio)")
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description=(
+        "warm-up as a fraction of the run's optimizer steps, rounded up (HF Trainer's rule); "
+        "0.1 with cosine is the alignment-handbook DPO recipe"))
     weight_decay: float = 0.0
-    warmup_steps: int = Field(0, ge=0)
     max_grad_norm: float = 1.0  # 0 turns clipping off
     optimizer_in_backward: bool = False  # torch, 1 worker, no clipping/accumulation: one gradient buffer less
     micro_batch_size: int = Field(2, ge=1)  # pairs per worker per forward
@@ -101,6 +112,9 @@ class TrainConfig(StageConfig):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     gradient_checkpointing: bool = False
     shared_prompt: bool = True  # one row per pair, the prompt's forward shared by both answers (exact)
+    disable_dropout: bool = Field(True, description=(
+        "train with dropout off (TRL's default), so the policy at step 0 computes exactly what the reference "
+        "pass computed in eval mode and the first margins are 0"))
     seed: int = 0
 
     # Logging and checkpoints
@@ -117,6 +131,19 @@ class TrainConfig(StageConfig):
         if not self.use_gpu and self.dtype != "float32":
             raise ValueError(f"dtype={self.dtype} needs use_gpu=true: on CPU train in float32 (bf16 on CPU is "
                              "slow and DeepSpeed's CPU path does not support it)")
+        return self
+
+    @model_validator(mode="after")
+    def _label_smoothing_and_schedule(self) -> "TrainConfig":
+        if self.label_smoothing and self.loss_type != "robust":
+            raise ValueError(
+                f"label_smoothing={self.label_smoothing} with loss_type={self.loss_type}: TRL 1.16 ignores "
+                "label_smoothing for this loss (its sigmoid has no conservative-DPO term), so the two training "
+                "paths would differ; use loss_type=robust for label-noise-robust DPO, or label_smoothing=0")
+        if self.warmup_steps and self.warmup_ratio:
+            raise ValueError("set warmup_steps or warmup_ratio, not both (warmup_steps would win silently)")
+        if self.lr_scheduler_type == "constant" and (self.warmup_steps or self.warmup_ratio):
+            raise ValueError("lr_scheduler_type=constant has no warm-up; use lr_scheduler_type=constant_with_warmup")
         return self
 
     @model_validator(mode="after")
@@ -137,6 +164,18 @@ class TrainConfig(StageConfig):
 
     def reference_id(self) -> str:
         return self.reference_model or self.model
+
+
+def load_student(cfg: TrainConfig) -> tuple[Any, Any]:
+    """The policy as the loop trains it: `cfg.dtype`, dropout off unless asked, checkpointing."""
+    from sp2dpo.train.reference import disable_dropout, load_causal_lm
+
+    model, tokenizer = load_causal_lm(cfg.model, cfg.dtype)
+    if cfg.disable_dropout:
+        disable_dropout(model)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model, tokenizer
 
 
 # ----------------------------------------------------------------------------- the loss on one batch
@@ -255,7 +294,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import torch
 
     from sp2dpo.train.data import load_training_table, tokenize_table
-    from sp2dpo.train.reference import load_causal_lm
     from sp2dpo.train.strategy import make_strategy
     from sp2dpo.utils import progress_bar
 
@@ -267,9 +305,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         torch.cuda.set_device(device)
     torch.manual_seed(cfg.seed)
 
-    model, tokenizer = load_causal_lm(cfg.model, cfg.dtype)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+    model, tokenizer = load_student(cfg)
     table, _ = load_training_table(cfg.artifact, cfg.pairs, require_ref=True)
     examples = tokenize_table(table, tokenizer, cfg.max_length)
     categories = category_slots()
@@ -278,7 +314,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     collate = make_collator(cfg, tokenizer.pad_token_id)
     plan = StepPlan(len(examples), cfg, world)
     strategy = make_strategy(cfg, world, rank, device)
-    strategy.prepare(model)
+    strategy.prepare(model, plan.total_steps)
 
     state: dict[str, Any] = {"step": 0, "history": [], "totals": None, "resumed_from": [], "train_seconds": 0.0}
     checkpoint = ray.train.get_checkpoint()
@@ -403,6 +439,8 @@ def _report_with_checkpoint(strategy: Any, state: dict, metrics: dict, rank: int
 
 def _summary(cfg: TrainConfig, state: dict, run: MetricSums, categories: tuple[str, ...], plan: StepPlan,
              world: int) -> dict[str, Any]:
+    from sp2dpo.train.strategy import warmup_steps
+
     history = state["history"]
     t = dict(zip(MetricSums.FIELDS, run.total.tolist()))
     means = {k: v for k, v in run.metrics(categories).items()
@@ -415,6 +453,9 @@ def _summary(cfg: TrainConfig, state: dict, run: MetricSums, categories: tuple[s
         "epochs": round(state["step"] / plan.steps_per_epoch, 3),
         "num_workers": world,
         "strategy": cfg.strategy + (f"-zero{cfg.zero_stage}" if cfg.strategy == "deepspeed" else ""),
+        "lr_schedule": {"type": cfg.lr_scheduler_type, "peak": cfg.learning_rate,
+                        "warmup_steps": warmup_steps(cfg, plan.total_steps)},
+        "dropout": "off" if cfg.disable_dropout else "model's",
         "first_loss": history[0]["loss"] if history else None,
         "final_loss": history[-1]["loss"] if history else None,
         "run_means": means,
@@ -515,6 +556,18 @@ class _Loggers:
 # ----------------------------------------------------------------------------- the driver
 
 
+def reference_config(cfg: TrainConfig) -> Any:
+    """The reference pass `sp2dpo train` runs itself: training's reference model, max_length,
+    dtype and batch layout, so the stored log-probs are what the policy computes at step 0."""
+    from sp2dpo.train.reference import ReferenceConfig
+
+    return ReferenceConfig(artifact=cfg.artifact, pairs=cfg.pairs, model=cfg.reference_id(), max_length=cfg.max_length,
+                           dtype=cfg.dtype, out=join_uri(cfg.output_dir, "beta_ref.parquet"),
+                           engine="ray" if (cfg.num_workers > 1 or cfg.use_gpu) else "local",
+                           num_workers=cfg.num_workers, num_gpus=1.0 if cfg.use_gpu else 0.0,
+                           shared_prompt=cfg.shared_prompt)
+
+
 def prepare_artifact(cfg: TrainConfig, show_progress: bool = True) -> TrainConfig:
     """Check the artifact against the pairs and the reference model (computing the reference
     log-probs first when missing and allowed); return the config pointing at the checked artifact."""
@@ -523,22 +576,17 @@ def prepare_artifact(cfg: TrainConfig, show_progress: bool = True) -> TrainConfi
     from sp2dpo.models import resolve_model
     from sp2dpo.schedule.artifact import REF_LOGP_COLUMNS, ArtifactError
     from sp2dpo.train.data import check_reference, load_training_table, reference_tag
-    from sp2dpo.train.reference import ReferenceConfig, compute_reference
+    from sp2dpo.train.reference import compute_reference
 
     table, metadata = load_training_table(cfg.artifact, cfg.pairs)
     if not all(c in table.column_names for c in REF_LOGP_COLUMNS):
         if not cfg.compute_reference:
             raise ArtifactError(f"{cfg.artifact} has no reference log-probs: run `sp2dpo train reference` "
                                 "or set compute_reference=true")
-        ref_cfg = ReferenceConfig(artifact=cfg.artifact, pairs=cfg.pairs, model=cfg.reference_id(),
-                                  max_length=cfg.max_length, out=join_uri(cfg.output_dir, "beta_ref.parquet"),
-                                  engine="ray" if (cfg.num_workers > 1 or cfg.use_gpu) else "local",
-                                  num_workers=cfg.num_workers, num_gpus=1.0 if cfg.use_gpu else 0.0,
-                                  shared_prompt=cfg.shared_prompt)
-        cfg = cfg.model_copy(update={"artifact": compute_reference(ref_cfg, show_progress)["artifact"]})
+        cfg = cfg.model_copy(update={"artifact": compute_reference(reference_config(cfg), show_progress)["artifact"]})
         table, metadata = load_training_table(cfg.artifact, cfg.pairs)
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.reference_id()))
-    check_reference(metadata, reference_tag(cfg.reference_id(), tokenizer, cfg.max_length), cfg.artifact)
+    check_reference(metadata, reference_tag(cfg.reference_id(), tokenizer, cfg.max_length, cfg.dtype), cfg.artifact)
     StepPlan(table.num_rows, cfg, cfg.num_workers)  # refuses fewer pairs than one global batch
     return cfg
 
@@ -581,6 +629,7 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> dict[str, Any]:
     checkpoint = result.checkpoint.path if result.checkpoint else None
     if checkpoint and is_uri(storage):  # pyarrow paths carry no scheme
         checkpoint = f"{storage.split('://', 1)[0]}://{checkpoint}"
-    summary.update({"artifact": cfg.artifact, "checkpoint": checkpoint,
+    summary.update({"artifact": cfg.artifact, "reference": read_sp2dpo_metadata(cfg.artifact).get("reference"),
+                    "checkpoint": checkpoint,
                     "output_dir": cfg.output_dir, "wall_seconds": round(time.perf_counter() - t0, 2)})
     return summary

@@ -17,7 +17,14 @@ How β travels, and what stock TRL would do without each step:
 
 Features that would put a β on the wrong pair are refused at construction: losses that sort the
 batch (`aot`, `aot_unpaired`), the Liger kernel (its β is fixed when the kernel is built), and
-vision datasets (their collator does not carry extra columns).
+vision datasets (their collator does not carry extra columns). So is `label_smoothing` with a loss
+that TRL 1.16 computes without it (`sigmoid`, `hinge`, `ipo`: the setting would do nothing).
+
+`dpo_config(train_config, output_dir)` turns an `sp2dpo train` config into the `DPOConfig` with
+the same optimisation: learning rate and its schedule (`lr_scheduler_type`, warm-up), dropout,
+loss, clipping, batch sizes, precision. With `disable_dropout` the trainer also zeroes the
+attention dropout rate Llama-style models apply functionally (TRL's own helper zeroes only
+`nn.Dropout` modules), as the own loop does.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import torch
 from trl import DPOTrainer
 
 from sp2dpo.train.data import PerPairCollator
+from sp2dpo.train.reference import disable_dropout
 
 # Losses that sort or otherwise reorder pairs inside the batch before applying β.
 REORDERING_LOSSES = {"aot": "sorts the log-ratios across the batch", "aot_unpaired": "sorts the log-ratios across the batch"}
@@ -42,6 +50,29 @@ def check_per_pair_compatible(args: Any) -> None:
     if bad:
         raise ValueError(f"per-pair beta cannot use loss_type {bad}: it {REORDERING_LOSSES[bad[0]]}, so beta_i "
                          "would no longer meet its own pair; use sigmoid, ipo, hinge or robust")
+    ignored = [t for t in args.loss_type if t in ("sigmoid", "hinge", "ipo")]
+    if args.label_smoothing and ignored:
+        raise ValueError(f"label_smoothing={args.label_smoothing} has no effect on loss_type {ignored} in TRL 1.16 "
+                         "(its sigmoid has no conservative-DPO term); use loss_type=robust, or label_smoothing=0")
+
+
+def dpo_config(cfg: Any, output_dir: str, **overrides: Any) -> Any:
+    """The `DPOConfig` that trains like `sp2dpo train` with TrainConfig `cfg` (same schedule,
+    dropout, loss and batch); `overrides` are further DPOConfig fields."""
+    from trl import DPOConfig
+
+    kwargs = {
+        "output_dir": output_dir, "learning_rate": cfg.learning_rate, "lr_scheduler_type": cfg.lr_scheduler_type,
+        # transformers 5: warmup_steps < 1 is a ratio of the training steps, rounded up.
+        "warmup_steps": cfg.warmup_steps or cfg.warmup_ratio, "weight_decay": cfg.weight_decay,
+        "max_grad_norm": cfg.max_grad_norm, "disable_dropout": cfg.disable_dropout, "loss_type": [cfg.loss_type],
+        "label_smoothing": cfg.label_smoothing, "per_device_train_batch_size": cfg.micro_batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps, "num_train_epochs": cfg.epochs,
+        "max_steps": cfg.max_steps or -1, "max_length": cfg.max_length, "seed": cfg.seed,
+        "bf16": cfg.dtype == "bfloat16", "fp16": cfg.dtype == "float16",
+        "gradient_checkpointing": cfg.gradient_checkpointing, "use_cpu": not cfg.use_gpu, "report_to": [],
+    }
+    return DPOConfig(**{**kwargs, **overrides})
 
 
 class PerPairBetaDPOTrainer(DPOTrainer):
@@ -65,6 +96,10 @@ class PerPairBetaDPOTrainer(DPOTrainer):
                 raise ValueError("per-pair beta does not support vision datasets: their collator drops extra columns")
         self._batch_beta: torch.Tensor | None = None
         super().__init__(*args, **kwargs)
+        if self.args.disable_dropout:
+            for model in (self.model, self.ref_model):
+                if model is not None:
+                    disable_dropout(model)
         if self.args.loss_type and set(self.args.loss_type) == {"sft"}:
             raise ValueError("loss_type=['sft'] ignores beta: there is nothing per-pair to train")
         # After TRL's __init__: its reference precompute (if any) used the plain collator, whose
