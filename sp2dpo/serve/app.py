@@ -43,6 +43,19 @@ def _sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
 
+async def _relay(stream: Any) -> AsyncIterator[str]:
+    """A replica's SSE lines; when the replica dies mid-stream, an OpenAI error event ends the
+    stream cleanly (the client raises it and may retry) instead of a cut connection."""
+    try:
+        async for line in stream:
+            yield line
+    except Exception as exc:
+        log.warning("stream lost its model replica: %s", type(exc).__name__)
+        yield _sse(error_body("the model replica serving this stream failed; retry the request",
+                              "server_error", None, "replica_failed"))
+        yield "data: [DONE]\n\n"
+
+
 @serve.deployment(max_ongoing_requests=64, health_check_period_s=10, max_constructor_retry_count=3)
 class ModelDeployment:
     """One model: an engine plus the OpenAI layer. Returns (status, body); streams SSE lines."""
@@ -61,8 +74,10 @@ class ModelDeployment:
             raise RuntimeError("the generation engine stopped")
 
     def load(self) -> dict[str, int]:
-        """Prompts this replica is generating now, and the most it has held at once."""
-        return {"prompts_now": self.prompts_now, "prompts_peak": self.prompts_peak}
+        """Prompts this replica is generating now, the most it has held at once, and its process."""
+        import os
+
+        return {"prompts_now": self.prompts_now, "prompts_peak": self.prompts_peak, "pid": os.getpid()}
 
     def _count(self, request: Any, delta: int) -> None:
         prompt = getattr(request, "prompt", None)
@@ -209,7 +224,7 @@ class OpenAIIngress:
         if error is not None:
             stream.cancel()
             return JSONResponse(error, status_code=status)
-        return StreamingResponse(stream, media_type="text/event-stream",
+        return StreamingResponse(_relay(stream), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
