@@ -153,7 +153,7 @@ def test_markdown_marks_tuned_global_noise_and_missing_lc():
                     "n_shared": 6, "win_rate": stats, "lc_win_rate": none}]})
     assert "| a | global@0.1 ★ | 0 | 50.00 | 3.00 | – |" in md
     assert "+1.50 [-2.00, +4.00]" in md and "WR within noise; LC not estimable" in md
-    assert "LC win rate not estimated: not estimated: 6 judged" in md
+    assert "LC win rate: not estimated: 6 judged" in md
     assert "abababababababab" in md and "m (float32)" in md
 
 
@@ -182,7 +182,7 @@ def test_demo_grid_pipeline_writes_the_comparison(tmp_path):
         for key in ("win_rate", "standard_error", "lc_win_rate", "lc_standard_error", "avg_length", "n", "mean_beta",
                     "seed", "cost", "provenance", "tuned_global"):
             assert key in r, key
-        assert r["n"] == 3 and 0 <= r["win_rate"] <= 100
+        assert 1 <= r["n"] <= 3 and r["n"] + r["n_missing"] == 3 and 0 <= r["win_rate"] <= 100
         if r["arm"] == "base":
             assert r["seed"] is None and r["cost"] is None
             continue
@@ -209,7 +209,7 @@ def test_demo_grid_pipeline_writes_the_comparison(tmp_path):
         deltas = {d["comparison"]: d for d in c["deltas"] if d["student"] == student}
         assert set(deltas) == {"semantic - tuned_global", "semantic - shuffled"}
         for d in deltas.values():
-            assert d["n_shared"] == 3
+            assert 1 <= d["n_shared"] <= 3
             w = d["win_rate"]
             assert w["ci_low"] <= w["delta"] <= w["ci_high"] and 0 < w["p_value"] <= 1
             assert w["within_noise"] == (w["ci_low"] <= 0 <= w["ci_high"])

@@ -52,7 +52,7 @@ def _run_cli(cfg: Any, until: str | None, force: list[str] | None, dry_run: bool
 def pipeline_cmd(
     config: str = ConfigOpt,
     overrides: list[str] = SetOpt,
-    until: str = typer.Option(None, help="Stop after this stage (data, annotate, schedule, reference, train-<control>, ...)."),
+    until: str = typer.Option(None, help="Stop after this stage (data, annotate, schedule, reference, train-<control>, ...; with students: reference-<student>, train-<student>-<artifact>-s<seed>, evaluate-<student>)."),
     force: list[str] = typer.Option(None, help="Rerun this stage even if it is complete (repeatable)."),
     dry_run: bool = typer.Option(False, "--plan", help="Show each stage's output dir and whether it is complete; run nothing."),
     as_json: bool = JsonOpt,

@@ -134,7 +134,8 @@ def _verdict(delta: dict[str, Any]) -> str:
 
 
 def render_markdown(c: dict[str, Any]) -> str:
-    lines = [f"# Experiment grid: {len(c['students'])} students, global β {c['global_betas']}, seeds {c['seeds']}",
+    lines = [f"# Experiment grid: students {', '.join(s['name'] for s in c['students'])}; global β {c['global_betas']}; "
+             f"seeds {c['seeds']}",
              "", f"Judge: {c['judge']}; LC GLM: {c['glm']}. ★ = the student's tuned global arm.", "",
              "| student | arm | seed | WR (%) | ± SE | LC WR (%) | ± SE | avg length | n | mean β |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -145,7 +146,7 @@ def render_markdown(c: dict[str, Any]) -> str:
                      f"{_num(r['avg_length'], '.0f')} | {r['n']} | {_num(r['mean_beta'], '.4f')} |")
     notes = sorted({r["lc_note"] for r in c["rows"] if r["lc_win_rate"] is None and r.get("lc_note")})
     if notes:
-        lines += ["", "LC win rate not estimated: " + "; ".join(notes)]
+        lines += ["", "LC win rate: " + "; ".join(notes)]
     lines += ["", "## Tuned global β", "", f"Rule: {c['tuned_global_rule']}.", "",
               "| student | tuned_global | chosen by | values |", "|---|---|---|---|"]
     for student, t in c["tuned_global"].items():
