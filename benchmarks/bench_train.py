@@ -42,16 +42,56 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+CONTROLS = 3  # students trained on one artifact's reference pass: semantic, global, shuffled
+
+
+def trl_scalar_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, **_):
+    """TRL 1.16 `DPOTrainer._compute_loss`'s sigmoid loss (reverse KL, no label smoothing) with its
+    scalar β, in our loss's output type, so a step of our loop can run it in place of `dpo_loss`."""
+    import torch.nn.functional as F
+
+    from sp2dpo.train.loss import DPOLossOutput
+
+    beta = 0.1
+    chosen_logratios = policy_chosen_logps - ref_chosen_logps
+    rejected_logratios = policy_rejected_logps - ref_rejected_logps
+    losses = -F.logsigmoid(beta * (chosen_logratios - rejected_logratios))
+    chosen_rewards = beta * chosen_logratios.detach()
+    rejected_rewards = beta * rejected_logratios.detach()
+    margins = chosen_rewards - rejected_rewards
+    return DPOLossOutput(losses, chosen_rewards, rejected_rewards, margins, (margins > 0).to(losses.dtype))
 
 
 def per_pair_overhead(model_id: str, pairs: str, artifact: str, steps: int, device: str, batch: int,
-                      shared_prompt: bool) -> tuple[float, float, float]:
+                      shared_prompt: bool) -> dict[str, float]:
+    """Per-pair β against TRL's scalar β, where they differ: the loss on the same logits, and our
+    whole step with `dpo_loss` (β a [B] tensor) against the same step with TRL's scalar-β loss
+    swapped in (`sp2dpo.train.loss.dpo_loss` replaced for that variant), alternating on the same
+    batches in one process."""
     import torch
 
+    import sp2dpo.train.loss as loss_module
     from sp2dpo.train.data import load_training_table, tokenize_table
     from sp2dpo.train.reference import load_causal_lm
     from sp2dpo.train.strategy import TorchStrategy
     from sp2dpo.train.trainer import TrainConfig, batch_loss, make_collator
+
+    ours_loss = loss_module.dpo_loss
+    # The loss alone on one set of logits, forward and backward, many times (microseconds each).
+    gen = torch.Generator().manual_seed(0)
+    logps = [(-50 * torch.rand(batch, generator=gen)).to(device).requires_grad_(i < 2) for i in range(4)]
+    beta_i = (0.05 + 0.1 * torch.rand(batch, generator=gen)).to(device)
+    loss_times: dict[str, list[float]] = {"per_pair": [], "trl": []}
+    for r in range(41):
+        for variant in ("per_pair", "trl") if r % 2 == 0 else ("trl", "per_pair"):
+            fn, beta = (ours_loss, beta_i) if variant == "per_pair" else (trl_scalar_loss, 0.1)
+            t0 = time.perf_counter()
+            for _ in range(200):
+                fn(*logps, beta=beta).losses.mean().backward()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if r > 0:
+                loss_times[variant].append((time.perf_counter() - t0) / 200)
 
     cfg = TrainConfig(model=model_id, strategy="torch", max_length=512, micro_batch_size=batch, learning_rate=1e-6,
                       use_gpu=device == "cuda", shared_prompt=shared_prompt)
@@ -61,23 +101,29 @@ def per_pair_overhead(model_id: str, pairs: str, artifact: str, steps: int, devi
     collate = make_collator(cfg, tok.pad_token_id)
     strategy = TorchStrategy(cfg, 1, 0, torch.device(device))
     strategy.prepare(model, total_steps=2 * (steps + 1))  # two optimizer steps per round
-    times: dict[str, list[float]] = {"per_pair": [], "global": []}
-    for i in range(steps + 1):
-        start = (batch * i) % (len(examples) - batch + 1)
-        inputs = {k: v.to(device) for k, v in collate(examples[start: start + batch]).items()}
-        for variant in ("per_pair", "global") if i % 2 == 0 else ("global", "per_pair"):
-            b = dict(inputs) if variant == "per_pair" else {**inputs, "beta": 0.1}
-            t0 = time.perf_counter()
-            strategy.backward(batch_loss(strategy.model, b, cfg).losses.mean())
-            strategy.step()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            if i > 0:  # the first round warms up allocator and kernels
-                times[variant].append(time.perf_counter() - t0)
-    pp, gl = times["per_pair"], times["global"]
-    # Each round runs both variants on the same batch back to back: the median of the paired
-    # ratios cancels the batch-to-batch spread that a ratio of two medians would keep.
-    return statistics.median(p / g for p, g in zip(pp, gl)), statistics.median(pp), statistics.median(gl)
+    times: dict[str, list[float]] = {"per_pair": [], "trl": []}
+    try:
+        for i in range(steps + 1):
+            start = (batch * i) % (len(examples) - batch + 1)
+            inputs = {k: v.to(device) for k, v in collate(examples[start: start + batch]).items()}
+            for variant in ("per_pair", "trl") if i % 2 == 0 else ("trl", "per_pair"):
+                loss_module.dpo_loss = ours_loss if variant == "per_pair" else trl_scalar_loss
+                t0 = time.perf_counter()
+                strategy.backward(batch_loss(strategy.model, inputs, cfg).losses.mean())
+                strategy.step()
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                if i > 0:  # the first round warms up allocator and kernels
+                    times[variant].append(time.perf_counter() - t0)
+    finally:
+        loss_module.dpo_loss = ours_loss
+    # Each round runs both variants back to back: the median of the paired ratios cancels the
+    # round-to-round spread that a ratio of two medians would keep.
+    return {"step_ratio": statistics.median(p / g for p, g in zip(times["per_pair"], times["trl"])),
+            "step_per_pair_s": statistics.median(times["per_pair"]), "step_trl_s": statistics.median(times["trl"]),
+            "loss_ratio": statistics.median(p / g for p, g in zip(loss_times["per_pair"], loss_times["trl"])),
+            "loss_per_pair_us": 1e6 * statistics.median(loss_times["per_pair"]),
+            "loss_trl_us": 1e6 * statistics.median(loss_times["trl"])}
 
 
 TRL_CHILD = r"""
@@ -112,6 +158,54 @@ trainer.train()
 tokens = max(h.get("num_tokens", 0) for h in trainer.state.log_history)
 peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print("RESULT_JSON " + json.dumps({"tokens": tokens, "train_seconds": StepTimer.seconds, "peak_mb": peak}))
+"""
+
+# TRL's leanest offline setting (TRL 1.16 `DPOTrainer.__init__`): `precompute_ref_log_probs=True`
+# and no `ref_model`, so the reference log-probs come from the policy itself before training, in
+# the trainer's constructor, and no second model is ever loaded. TRL recomputes them per trainer.
+TRL_PRECOMPUTED_CHILD = r"""
+import json, resource, sys, time
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from trl import DPOConfig, DPOTrainer
+from sp2dpo.models import resolve_model
+from sp2dpo.train.data import conversation, load_training_table
+
+a = json.loads(sys.argv[1])
+table, _ = load_training_table(a["artifact"], a["pairs"])
+rows = [conversation(r["prompt"], r["prompt_messages"], r["chosen"], r["rejected"]) for r in table.to_pylist()]
+path = resolve_model(a["model"])
+
+class StepTimer(TrainerCallback):
+    seconds = 0.0
+    def on_step_begin(self, args, state, control, **kw): self.t0 = time.perf_counter()
+    def on_step_end(self, args, state, control, **kw): StepTimer.seconds += time.perf_counter() - self.t0
+
+reference = {"seconds": 0.0}
+precompute = DPOTrainer._precompute_ref_logps
+def timed_precompute(self, *args, **kwargs):
+    t0 = time.perf_counter()
+    try:
+        return precompute(self, *args, **kwargs)
+    finally:
+        reference["seconds"] += time.perf_counter() - t0
+DPOTrainer._precompute_ref_logps = timed_precompute
+
+cuda = a["device"] == "cuda"
+args = DPOConfig(output_dir=a["out"], use_cpu=not cuda, bf16=False, beta=0.1, per_device_train_batch_size=a["batch"],
+                 max_length=512, max_steps=a["steps"], learning_rate=1e-6, precompute_ref_log_probs=True,
+                 gradient_checkpointing=a["checkpointing"], report_to=[], save_strategy="no", logging_steps=1,
+                 dataloader_num_workers=0, seed=0)
+trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), ref_model=None,
+                     args=args, train_dataset=Dataset.from_list(rows),
+                     processing_class=AutoTokenizer.from_pretrained(path), callbacks=[StepTimer()])
+assert trainer.ref_model is None, "TRL kept a reference model"
+trainer.train()
+tokens = max(h.get("num_tokens", 0) for h in trainer.state.log_history)
+peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print("RESULT_JSON " + json.dumps({"tokens": tokens, "train_seconds": StepTimer.seconds, "peak_mb": peak,
+                                   "reference_seconds": reference["seconds"]}))
 """
 
 OURS_CHILD = r"""
@@ -165,31 +259,55 @@ def main() -> None:
         t0 = time.perf_counter()
         ref = compute_reference(ReferenceConfig(artifact=artifact, pairs=pairs, model=args.model, max_length=512),
                                 show_progress=False)
-        print(f"reference pass (once per artifact): {ref['scored_pairs']} pairs in {time.perf_counter() - t0:.1f}s")
-        ratio, pp, gl = per_pair_overhead(args.model, pairs, ref["artifact"], args.steps, device, args.micro_batch_size,
-                                          args.shared_prompt)
-        print(f"step time, per-pair beta: median {pp:.3f}s; global beta: median {gl:.3f}s "
-              f"(median of paired ratios {ratio:.4f})")
+        ref_s = time.perf_counter() - t0
+        print(f"reference pass (once per artifact): {ref['scored_pairs']} pairs in {ref_s:.1f}s")
+        pp = per_pair_overhead(args.model, pairs, ref["artifact"], args.steps, device, args.micro_batch_size,
+                               args.shared_prompt)
+        print(f"loss alone on the same logits (forward + backward, {args.micro_batch_size} pairs): per-pair beta "
+              f"{pp['loss_per_pair_us']:.1f} us, TRL's scalar-beta loss {pp['loss_trl_us']:.1f} us "
+              f"(median of paired ratios {pp['loss_ratio']:.3f})")
+        print(f"whole step of our loop: with per-pair beta median {pp['step_per_pair_s']:.3f}s; with TRL's scalar-beta "
+              f"loss median {pp['step_trl_s']:.3f}s (median of paired ratios {pp['step_ratio']:.4f})")
         common = {"artifact": ref["artifact"], "pairs": pairs, "model": args.model, "steps": args.steps, "device": device,
                   "checkpointing": args.checkpointing, "shared_prompt": args.shared_prompt,
                   "batch": args.micro_batch_size}
         trl = run_child(TRL_CHILD, {**common, "out": str(Path(tmp) / "trl")})
+        trl_pre = run_child(TRL_PRECOMPUTED_CHILD, {**common, "out": str(Path(tmp) / "trl_pre")})
         cores = {} if device == "cuda" else {"resources_per_worker": {"CPU": os.cpu_count()}}
         ours = run_child(OURS_CHILD, {**common, "out": str(Path(tmp) / "ours"), "extra": cores})
         lean = run_child(OURS_CHILD, {**common, "out": str(Path(tmp) / "lean"),
                                       "extra": {**cores, "optimizer_in_backward": True, "max_grad_norm": 0.0}})
     trl_tps = trl["tokens"] / trl["train_seconds"]
+    pre_tps = trl_pre["tokens"] / trl_pre["train_seconds"]
     our_tps = ours["tokens"] / ours["train_seconds"]
     lean_tps = lean["tokens"] / lean["train_seconds"]
-    print(f"device {device}; memory is {memory}; gradient checkpointing {'on' if args.checkpointing else 'off'}")
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"device {device}; memory is {memory}; gradient checkpointing {'on' if args.checkpointing else 'off'}; "
+          f"load average {load}")
     print(f"stock TRL DPOTrainer (reference in the loop):       {trl_tps:8.1f} tokens/s, {trl['peak_mb']:7.0f} MB")
+    print(f"TRL precompute_ref_log_probs, no ref_model:         {pre_tps:8.1f} tokens/s, {trl_pre['peak_mb']:7.0f} MB")
     print(f"sp2dpo, offline reference, TRL's settings:           {our_tps:8.1f} tokens/s, {ours['peak_mb']:7.0f} MB")
     print(f"sp2dpo, offline reference, optimizer_in_backward:    {lean_tps:8.1f} tokens/s, {lean['peak_mb']:7.0f} MB")
-    print(f"RESULT per_pair_overhead {ratio:.4f}")
+    # Per student, the one-off reference pass counted in: ours is computed once per artifact and
+    # shared by the CONTROLS students trained on it (semantic, global, shuffled); TRL runs its own
+    # pass in every trainer.
+    ours_total = ours["train_seconds"] + ref_s / CONTROLS
+    trl_total = trl_pre["train_seconds"] + trl_pre["reference_seconds"]
+    print(f"per student, reference pass included: sp2dpo {ours['train_seconds']:.1f}s train + {ref_s:.1f}s/{CONTROLS} "
+          f"reference = {ours_total:.1f}s ({ours['tokens'] / ours_total:.1f} tokens/s); TRL precomputed "
+          f"{trl_pre['train_seconds']:.1f}s train + {trl_pre['reference_seconds']:.1f}s reference = {trl_total:.1f}s "
+          f"({trl_pre['tokens'] / trl_total:.1f} tokens/s)")
+    print(f"RESULT per_pair_overhead {pp['step_ratio']:.4f}")
+    print(f"RESULT per_pair_loss_vs_trl_scalar {pp['loss_ratio']:.3f}")
     print(f"RESULT speedup_vs_trl {our_tps / trl_tps:.3f}")
     print(f"RESULT memory_vs_trl {ours['peak_mb'] / trl['peak_mb']:.3f}")
     print(f"RESULT memory_vs_trl_in_backward {lean['peak_mb'] / trl['peak_mb']:.3f}")
-
+    print(f"RESULT speedup_vs_trl_precomputed {our_tps / pre_tps:.3f}")
+    print(f"RESULT memory_vs_trl_precomputed {ours['peak_mb'] / trl_pre['peak_mb']:.3f}")
+    print(f"RESULT student_seconds_with_reference_ours {ours_total:.1f}")
+    print(f"RESULT student_seconds_with_reference_trl_precomputed {trl_total:.1f}")
+    print(f"RESULT speedup_vs_trl_precomputed_with_reference "
+          f"{(ours['tokens'] / ours_total) / (trl_pre['tokens'] / trl_total):.3f}")
 
 if __name__ == "__main__":
     main()
