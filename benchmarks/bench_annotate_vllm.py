@@ -11,6 +11,13 @@ can do; `annotate()` then runs the same engine in one Ray Data actor (pool of 1)
 `--also-sequential` adds `annotate()` with one batch at a time (`max_concurrent_batches=1`, a
 synchronous `LLM.chat` per batch) → `RESULT annotate_vs_engine_limit_sequential`.
 
+`--in-process`: one engine in this process serves all three, start-up excluded: vLLM given every
+pair at once, then the teacher's own path as a Ray Data actor runs it (`LLMTeacher` over batches
+of `--batch-size`, `--max-concurrent-batches` threads calling the engine at once), then one batch
+at a time (a synchronous `LLM.chat` per batch) → the same two RESULT lines, for generation alone
+(the figure to read on a machine too loaded for two engine start-ups; the cost of Ray Data itself
+is `--baseline loop`'s).
+
 `--baseline loop`: `VLLMEngine` + `LLMTeacher` in this process, called batch by batch →
 `RESULT annotate_ray_overhead` (loop annotations/s ÷ Ray annotations/s, the cost of Ray Data).
 
@@ -40,6 +47,54 @@ def _load() -> str:
         return "load n/a"
 
 
+def in_process(cfg, pairs: list[dict], batch_size: int) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sp2dpo.annotate.engines import LLMTeacher, VLLMEngine
+    from sp2dpo.annotate.prompts import build_messages
+
+    k = cfg.pool.max_concurrent_batches
+    t0 = time.perf_counter()
+    engine = VLLMEngine(cfg)
+    start_s = time.perf_counter() - t0
+    teacher = LLMTeacher(engine, cfg)
+    conversations = [build_messages(p, cfg.resolved_prompt_version, cfg.generation.rationale_max_chars) for p in pairs]
+    engine.llm.chat(conversations[:1], engine.sampling, use_tqdm=False)  # compiles the schema's grammar once
+    batches = [pairs[i:i + batch_size] for i in range(0, len(pairs), batch_size)]
+
+    t0 = time.perf_counter()
+    outputs = engine.llm.chat(conversations, engine.sampling, use_tqdm=False)
+    limit_s = time.perf_counter() - t0
+    limit = {p["pair_id"]: o.outputs[0].text for p, o in zip(pairs, outputs)}
+    limit_load = _load()
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(k) as pool:  # as Ray Data calls an actor with max_concurrent_batches threads
+        overlapped = [r for rows in pool.map(teacher.annotate, batches) for r in rows]
+    overlapped_s = time.perf_counter() - t0
+    overlapped_load = _load()
+
+    loop, engine.loop = engine.loop, None  # the same engine, one synchronous LLM.chat per batch
+    t0 = time.perf_counter()
+    sequential = [r for batch in batches for r in teacher.annotate(batch)]
+    sequential_s = time.perf_counter() - t0
+    sequential_load = _load()
+    engine.loop = loop
+    engine.close()
+
+    n = len(pairs)
+    print(f"pairs={n} batch_size={batch_size} max_concurrent_batches={k}; one engine (start {start_s:.1f} s, "
+          f"excluded), generation only")
+    print(f"vLLM alone, every pair in one LLM.chat: {limit_s:.1f} s, {n / limit_s:.3f} pairs/s  [{limit_load}]")
+    for name, rows, seconds, load in (("teacher path, batches overlapped", overlapped, overlapped_s, overlapped_load),
+                                      ("teacher path, one batch at a time", sequential, sequential_s, sequential_load)):
+        same = sum(limit[r["pair_id"]] == r["raw_text"] for r in rows)
+        print(f"{name}: {seconds:.1f} s, {n / seconds:.3f} pairs/s, failed={sum(r['status'] == 'failed' for r in rows)}, "
+              f"identical outputs to vLLM alone {same}/{n}  [{load}]")
+    print(f"RESULT annotate_vs_engine_limit {limit_s / overlapped_s:.3f}")
+    print(f"RESULT annotate_vs_engine_limit_sequential {limit_s / sequential_s:.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=64)
@@ -47,6 +102,7 @@ def main() -> None:
     parser.add_argument("--max-concurrent-batches", type=int, default=4)
     parser.add_argument("--baseline", choices=["engine-limit", "loop"], default="engine-limit")
     parser.add_argument("--also-sequential", action="store_true")
+    parser.add_argument("--in-process", action="store_true")
     # On a shared machine the load drifts during a run: swap the order to see how much it moves.
     parser.add_argument("--ray-first", action="store_true")
     args = parser.parse_args()
@@ -71,6 +127,9 @@ def main() -> None:
                                   pool={"batch_size": args.batch_size, "max_concurrent_batches": k})
 
         cfg = config(1, "unused")
+        if args.in_process:
+            in_process(config(args.max_concurrent_batches, "unused"), pairs, args.batch_size)
+            return
 
         def baseline() -> tuple[dict[str, str], float, float]:
             """Texts by pair_id, seconds end to end, seconds of generation."""
