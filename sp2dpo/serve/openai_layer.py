@@ -39,6 +39,42 @@ class Piece:
     completion_tokens: int = 0
 
 
+class IncrementalDecoder:
+    """Text of a growing token sequence, one token at a time, without decoding it all again.
+
+    Each step decodes only a short window: the tokens since the last emitted boundary, with the
+    window before it as context (so a tokenizer that drops a leading space, or merges bytes of one
+    character across tokens, sees what it would see in the whole sequence). A window that ends in
+    half a UTF-8 character waits for the next token. The joined deltas equal
+    `tokenizer.decode(ids, skip_special_tokens=True)`.
+    """
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix = self.read = 0  # ids[prefix:read]: context already turned into text
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def add(self, token_id: int) -> str:
+        """The new text `token_id` completes ("" while a character is still incomplete)."""
+        self.ids.append(token_id)
+        before = self._decode(self.ids[self.prefix:self.read])
+        after = self._decode(self.ids[self.prefix:])
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return after[len(before):]
+
+    def flush(self) -> str:
+        """Whatever the last tokens hold that no `add` returned (an incomplete character)."""
+        before = self._decode(self.ids[self.prefix:self.read])
+        after = self._decode(self.ids[self.prefix:])
+        self.prefix = self.read = len(self.ids)
+        return after[len(before):]
+
+
 class OpenAIModel:
     def __init__(self, model_id: str, engine: Any, default_max_tokens: int = 512):
         self.model_id, self.engine, self.default_max_tokens = model_id, engine, default_max_tokens
@@ -101,9 +137,9 @@ class OpenAIModel:
 
     async def generate(self, prompt_ids: list[int], opts: SamplingOptions, max_tokens: int) -> AsyncIterator[Piece]:
         """Engine tokens → text pieces. The last piece carries finish_reason and the token count."""
-        ids: list[int] = []
+        detok = IncrementalDecoder(self.tokenizer)
         text, emitted, pending, produced = "", 0, [], 0
-        finish = "length"
+        finish, cut = "length", False
         # Hold back the tail that could still grow into a stop string, so none is ever streamed.
         hold = max((len(s) for s in opts.stop), default=1) - 1
         steps = self.engine.generate(prompt_ids, opts, max_tokens)
@@ -115,13 +151,15 @@ class OpenAIModel:
                 if step.token_id in self.engine.eos_token_ids:
                     finish = "stop"
                     break
-                ids.append(step.token_id)
-                text = self.tokenizer.decode(ids, skip_special_tokens=True)
-                if text.endswith("\ufffd"):  # half of a multi-byte character
+                delta = detok.add(step.token_id)
+                if not delta:  # half of a multi-byte character, or a special token
                     continue
-                cuts = [i for i in (text.find(s) for s in opts.stop) if i >= 0]
+                # A stop string not in the text before must end inside the new delta.
+                start = max(0, len(text) - hold)
+                text += delta
+                cuts = [i for i in (text.find(s, start) for s in opts.stop) if i >= 0]
                 if cuts:
-                    text, finish = text[:max(min(cuts), emitted)], "stop"
+                    text, finish, cut = text[:max(min(cuts), emitted)], "stop", True
                     break
                 safe = len(text) - hold
                 if safe > emitted:
@@ -129,6 +167,8 @@ class OpenAIModel:
                     emitted, pending = safe, []
         finally:
             await steps.aclose()
+        if not cut:
+            text += detok.flush()  # a character cut in half by the end decodes as U+FFFD, as in decode()
         yield Piece(text[emitted:], pending, finish, produced)
 
     # ------------------------------------------------------------------ responses
