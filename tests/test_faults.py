@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 import psutil
-import pyarrow as pa
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -387,7 +386,7 @@ def test_judge_outage_retries_then_resumes_without_rejudging(tmp_path):
     assert retried > 0 and 0 < len(finished) < 16, figures
     assert summary["resumed"] == len(finished) and summary["judged"] == 16 - len(finished), figures
     assert figures["rejudged_finished_rows"] == 0 and len(rerun_prompts) == 16 - len(finished), figures
-    key = lambda a: (a["instruction"], a["output_2"], a["preference"], a["is_switched_outputs"])  # noqa: E731
+    key = lambda a: (a["instruction"], a["output_2"], a["preference"], a["is_switched_outputs"])
     assert [key(a) for a in faulty] == [key(a) for a in clean]
 
 
@@ -438,10 +437,10 @@ def test_writer_killed_mid_file_leaves_nothing_a_rerun_trusts(where, tmp_path, r
     if where == "s3":
         s3 = request.getfixturevalue("s3")
         root = s3.new_prefix("kill-write")
-        listing = lambda: s3.keys(root)  # noqa: E731 (what the server really holds)
+        listing = lambda: s3.keys(root)  # what the server really holds
     else:
         root = str(tmp_path / "out")
-        listing = lambda: sorted(os.listdir(root)) if os.path.isdir(root) else []  # noqa: E731
+        listing = lambda: sorted(os.listdir(root)) if os.path.isdir(root) else []
     target, clean = storage.join_uri(root, "pairs.parquet"), storage.join_uri(root, "clean.parquet")
     rc = _write(target, pause=0.5, kill_halfway=True)
     after_kill = listing()

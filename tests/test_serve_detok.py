@@ -14,9 +14,9 @@ import random
 import pytest
 from transformers import AutoTokenizer
 
+from sp2dpo.serve.engines import TokenStep
 from sp2dpo.serve.openai_layer import IncrementalDecoder, OpenAIModel
 from sp2dpo.serve.protocol import parse_request
-from sp2dpo.serve.engines import TokenStep
 
 TEXTS = [
     "Héllo wörld — 日本語のテキスト 🙂🎉 naïve café",
