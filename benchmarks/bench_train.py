@@ -45,7 +45,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 CONTROLS = 3  # students trained on one artifact's reference pass: semantic, global, shuffled
 
 
-def trl_scalar_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, **_):
+def trl_scalar_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=None,
+                    *_, **__):
     """TRL 1.16 `DPOTrainer._compute_loss`'s sigmoid loss (reverse KL, no label smoothing) with its
     scalar β, in our loss's output type, so a step of our loop can run it in place of `dpo_loss`."""
     import torch.nn.functional as F
@@ -82,16 +83,16 @@ def per_pair_overhead(model_id: str, pairs: str, artifact: str, steps: int, devi
     logps = [(-50 * torch.rand(batch, generator=gen)).to(device).requires_grad_(i < 2) for i in range(4)]
     beta_i = (0.05 + 0.1 * torch.rand(batch, generator=gen)).to(device)
     loss_times: dict[str, list[float]] = {"per_pair": [], "trl": []}
-    for r in range(41):
+    for r in range(21):
         for variant in ("per_pair", "trl") if r % 2 == 0 else ("trl", "per_pair"):
             fn, beta = (ours_loss, beta_i) if variant == "per_pair" else (trl_scalar_loss, 0.1)
             t0 = time.perf_counter()
-            for _ in range(200):
+            for _ in range(100):
                 fn(*logps, beta=beta).losses.mean().backward()
             if device == "cuda":
                 torch.cuda.synchronize()
             if r > 0:
-                loss_times[variant].append((time.perf_counter() - t0) / 200)
+                loss_times[variant].append((time.perf_counter() - t0) / 100)
 
     cfg = TrainConfig(model=model_id, strategy="torch", max_length=512, micro_batch_size=batch, learning_rate=1e-6,
                       use_gpu=device == "cuda", shared_prompt=shared_prompt)
