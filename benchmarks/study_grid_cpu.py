@@ -38,7 +38,7 @@ def planted_noise_input(out: Path, flip: float, seed: int) -> str:
 
     records = [json.loads(line) for line in bundled_path("ultrafeedback-sample").read_text().splitlines()]
     rng = np.random.default_rng(seed)
-    flipped = rng.permutation(len(records))[: int(round(flip * len(records)))]
+    flipped = rng.permutation(len(records))[: round(flip * len(records))]
     for i in flipped:
         r = records[i]
         r["chosen"], r["rejected"] = r["rejected"], r["chosen"]

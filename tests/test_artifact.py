@@ -171,7 +171,7 @@ def _write_annotations(sample, tmp_path, rows):
 def test_zero_confidence_with_floor_zero_writes_a_finite_artifact(sample, tmp_path):
     ann = _write_annotations(sample, tmp_path, [("style", 1, 0.0), ("helpfulness", 2, 0.9), ("factuality", 3, 1.0)])
     cfg = ScheduleConfig(confidence_floor=0.0)
-    summary, table, meta = _build(sample, "zero-conf", config=cfg, annotations=ann)
+    _, table, meta = _build(sample, "zero-conf", config=cfg, annotations=ann)
     beta = table["beta"].to_numpy(zero_copy_only=False)
     assert np.all(np.isfinite(beta)) and np.all(beta > 0)
     assert beta[0] == cfg.beta_min and meta["beta_stats"]["zero_strength_pairs"] == 1
@@ -183,7 +183,7 @@ def test_build_artifact_never_writes_a_non_finite_beta(sample, tmp_path, monkeyp
     # The last guard, below the schedule's own checks: a schedule that hands back a NaN (as one
     # did before zero strengths were handled) must not reach the disk. The pure schedule cannot
     # produce one any more, so a wrapper plants it.
-    import sp2dpo.schedule.artifact as artifact
+    from sp2dpo.schedule import artifact
 
     real = artifact.schedule_beta
 

@@ -134,8 +134,8 @@ def _verdict(delta: dict[str, Any]) -> str:
 
 
 def render_markdown(c: dict[str, Any]) -> str:
-    lines = [f"# Experiment grid: students {', '.join(s['name'] for s in c['students'])}; global β {c['global_betas']}; "
-             f"seeds {c['seeds']}",
+    lines = [(f"# Experiment grid: students {', '.join(s['name'] for s in c['students'])}; global β {c['global_betas']}; "
+              f"seeds {c['seeds']}"),
              "", f"Judge: {c['judge']}; LC GLM: {c['glm']}. ★ = the student's tuned global arm.", "",
              "| student | arm | seed | WR (%) | ± SE | LC WR (%) | ± SE | avg length | n | mean β |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -157,9 +157,9 @@ def render_markdown(c: dict[str, Any]) -> str:
         chosen = t["metric"] + (f" ({t['fallback']})" if t["fallback"] else "")
         lines.append(f"| {student} | {t['arm']} | {chosen} | {values} |")
     lines += ["", "## Paired differences", "",
-              f"b − a in points on the instructions both runs judged; 95% paired bootstrap CI "
-              f"({c['paired']['n_resamples']} resamples), p from a paired sign-flip test. A difference whose "
-              "CI contains 0 is within noise.", "",
+              (f"b − a in points on the instructions both runs judged; 95% paired bootstrap CI "
+               f"({c['paired']['n_resamples']} resamples), p from a paired sign-flip test. A difference whose "
+               "CI contains 0 is within noise."), "",
               "| student | seed | comparison | a | n shared | ΔWR [95% CI] | p | ΔLC [95% CI] | p | reading |",
               "|---|---:|---|---|---:|---|---:|---|---:|---|"]
     for d in c["deltas"]:
