@@ -86,6 +86,20 @@ def main() -> None:
     from sp2dpo.storage import read_parquet
 
     t0 = time.perf_counter()
+    # Ray gives a starting raylet 30 s; on a loaded machine that can pass, so retry the start.
+    from sp2dpo.utils import init_ray
+
+    for attempt in range(5):
+        try:
+            init_ray()
+            break
+        except Exception as exc:  # Ray raises a bare Exception for this
+            import ray
+
+            ray.shutdown()  # the half-started local instance this process began
+            if attempt == 4 or "timed out during startup" not in str(exc):
+                raise
+            time.sleep(10)
     root = Path(args.run_dir).absolute()
     noisy = planted_noise_input(root / "input" / "pairs.jsonl", args.flip, args.seed)
     max_length = 256
