@@ -143,7 +143,10 @@ class LocalCluster:
         env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                    RAY_ENABLE_UV_RUN_RUNTIME_ENV="0", RAY_USAGE_STATS_ENABLED="0",
                    # On SIGTERM a node first drains (for Serve upgrades); a test cluster just stops.
-                   RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")
+                   RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
+                   # Several nodes on one busy machine: Serve's 5 s proxy readiness check kills a
+                   # proxy that is merely slow to start (and serve.start fails with it).
+                   RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S="60", RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S="60")
         # Ray 2.60 turns token authentication on for new local clusters and reads the token from
         # ~/.ray unless told otherwise: give this cluster its own token, shared by its nodes and
         # by the `ray job` clients, so nothing depends on (or touches) the user's ~/.ray.
