@@ -484,7 +484,7 @@ def _driver(run_dir: str) -> psutil.Process | None:
 @pytest.mark.timeout(3600)
 def test_train_job_driver_killed_then_resubmitted_resumes_from_its_checkpoint(tmp_path, tiny_model_dir):
     """The demo pipeline up to its first train stage as a `ray job submit` job on a two-node local
-    cluster (tiny student, a checkpoint every step, 12 steps). Once the stage has written its
+    cluster (tiny student, a checkpoint every step, 8 steps). Once the stage has written its
     second checkpoint, the job's driver process on the head gets SIGKILL; its Ray Train workers go
     with it and the job is FAILED. The same command resubmitted skips the finished stages and
     resumes training from the last checkpoint."""
@@ -493,7 +493,7 @@ def test_train_job_driver_killed_then_resubmitted_resumes_from_its_checkpoint(tm
     run_dir = str(tmp_path / "run")
     overrides = [f"run_dir={run_dir}", f"train.model={tiny_model_dir}", "data.limit=6", "data.max_tokens=200",
                  "teachers=[{teacher: ratings}]", "controls=[semantic]", "train.max_length=256",
-                 "train.resources_per_worker={CPU: 1}", "train.checkpoint_every=1", "train.max_steps=12",
+                 "train.resources_per_worker={CPU: 1}", "train.checkpoint_every=1", "train.max_steps=8",
                  "until=train-semantic"]
     command = ["python", "jobs/pipeline.py", "--config", "demo", "--json"]
     for item in overrides:
@@ -532,4 +532,4 @@ def test_train_job_driver_killed_then_resubmitted_resumes_from_its_checkpoint(tm
     assert summary["complete"] == ["data", "annotate", "schedule", "reference"], figures
     assert summary["ran"] == ["train-semantic"], figures
     assert training["resumed_from_steps"] and training["resumed_from_steps"][0] >= 2, figures
-    assert training["steps"] == 12 and (stage / "_SUCCESS.json").exists(), figures
+    assert training["steps"] == 8 and (stage / "_SUCCESS.json").exists(), figures
