@@ -27,7 +27,7 @@ def _annotate_slice(tmp_path, n: int, **pool):
         # Constrained decoding: the raw text is already strict JSON that fits the schema.
         assert row["status"] == "ok", row
         Annotation.model_validate(json.loads(row["raw_text"]), strict=False)
-        assert row["prompt_version"] == cfg.resolved_prompt_version() == "v2" and row["completion_tokens"] > 0
+        assert row["prompt_version"] == cfg.resolved_prompt_version == "v2" and row["completion_tokens"] > 0
     return summary
 
 
