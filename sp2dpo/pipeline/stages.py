@@ -175,16 +175,23 @@ def run_compare(config: PipelineConfig, sd: StageDir) -> dict[str, Any]:
     return compare([f"{RUN_LABELS[r]}={sd.input_path('evaluate', r)}" for r in runs], with_paths(sd.config, out=sd.path))
 
 
+def _input_stages(config: PipelineConfig) -> list[Stage]:
+    """The pairs table and its annotations: the same for one student and for the grid."""
+    return [
+        Stage("data", run_data, "data", "sp2dpo.data.prepare:DataConfig", description="pairs table"),
+        Stage("annotate", run_annotate, "annotate", "sp2dpo.annotate.config:AnnotateConfig", ("data",),
+              params={"teachers": config.teachers}, path_fields=("out", "pairs"),
+              description="teacher semantic-gap annotations"),
+    ]
+
+
 def default_stages(config: PipelineConfig) -> list[Stage]:
     if config.students:
         return grid_stages(config)
     train = load_object(TRAIN_CONFIG).model_validate(config.train)
     eval_paths = ("out", "endpoint", "model", "name")
     stages = [
-        Stage("data", run_data, "data", "sp2dpo.data.prepare:DataConfig", description="pairs table"),
-        Stage("annotate", run_annotate, "annotate", "sp2dpo.annotate.config:AnnotateConfig", ("data",),
-              params={"teachers": config.teachers}, path_fields=("out", "pairs"),
-              description="teacher semantic-gap annotations"),
+        *_input_stages(config),
         Stage("schedule", run_schedule, "schedule", "sp2dpo.schedule.beta:ScheduleConfig", ("data", "annotate"),
               params={"controls": list(config.controls)}, description="beta artifacts and audit"),
         Stage("reference", run_reference, "reference", "sp2dpo.train.reference:ReferenceConfig", ("data", "schedule"),
@@ -221,10 +228,7 @@ def grid_stages(config: PipelineConfig) -> list[Stage]:
     arms = grid_arms(config)
     eval_paths = ("out", "endpoint", "model", "name")
     stages = [
-        Stage("data", run_data, "data", "sp2dpo.data.prepare:DataConfig", description="pairs table"),
-        Stage("annotate", run_annotate, "annotate", "sp2dpo.annotate.config:AnnotateConfig", ("data",),
-              params={"teachers": config.teachers}, path_fields=("out", "pairs"),
-              description="teacher semantic-gap annotations"),
+        *_input_stages(config),
         Stage("schedule", run_schedule, "schedule", "sp2dpo.schedule.beta:ScheduleConfig", ("data", "annotate"),
               params={"artifacts": specs}, description="beta artifacts shared by every student, and audit"),
     ]
