@@ -11,11 +11,11 @@ here does: they use a small scripted OpenAI-compatible server (FastAPI on 127.0.
 from __future__ import annotations
 
 import json
-import socket
 import threading
-import time
 
 import pytest
+from local_app import LocalApp
+from s3_server import free_port
 from typer.testing import CliRunner
 
 from sp2dpo.cli import app
@@ -30,19 +30,12 @@ def _summary(output: str) -> dict:
     return next(json.loads(line) for line in reversed(output.strip().splitlines()) if line.startswith("{"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ScriptedServer:
+class ScriptedServer(LocalApp):
     """OpenAI chat completions: answers `answer:<first words>`; as a judge, always names the
     output shown second ('M'). `fail_first` requests per prompt get a 503; prompts containing a
     word in `always_fail` always get a 400 (not retried by the client)."""
 
     def __init__(self, fail_first: int = 0, always_fail: tuple[str, ...] = ()):
-        import uvicorn
         from fastapi import FastAPI
         from fastapi.responses import JSONResponse
 
@@ -81,25 +74,7 @@ class ScriptedServer:
                 with self.lock:
                     self.in_flight -= 1
 
-        self.port = _free_port()
-        self.server = uvicorn.Server(uvicorn.Config(api, host="127.0.0.1", port=self.port, log_level="error"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    def __enter__(self) -> "ScriptedServer":
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            assert time.monotonic() < deadline, "scripted server did not start"
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
+        super().__init__(api)
 
 
 def test_generate_bounded_concurrency_retries_and_resume(tmp_path):
@@ -184,7 +159,7 @@ def test_end_to_end_smollm2_served_generate_judge_score(tmp_path, smollm2_dir):
     """Real: SmolLM2 behind our Serve app answers 4 instructions, then judges them; scored."""
     from sp2dpo.serve import ModelConfig, ServeConfig, start_server, stop_server
 
-    port = _free_port()
+    port = free_port()
     url = start_server(ServeConfig(host="127.0.0.1", port=port,
                                    models=[ModelConfig(id="base", path=None, engine="transformers")]))
     try:

@@ -15,7 +15,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -25,15 +24,11 @@ from pathlib import Path
 
 import psutil
 import pytest
+from local_app import LocalApp
+from s3_server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _report(name: str, figures: dict) -> None:
@@ -87,7 +82,7 @@ def test_serve_replica_killed_under_64_streaming_clients(ray_local, tiny_model_d
     from sp2dpo.serve import ModelConfig, ServeConfig, start_server, stop_server
 
     key = "fault-key-1"
-    cfg = ServeConfig(port=_free_port(), access_log=False, models=[
+    cfg = ServeConfig(port=free_port(), access_log=False, models=[
         ModelConfig(id="tiny", path=str(tiny_model_dir), num_replicas=2, num_cpus=0.5, max_model_len=256,
                     max_ongoing_requests=48, default_max_tokens=24)])
     url = start_server(cfg, api_key=key)
@@ -279,14 +274,13 @@ def test_annotation_actor_killed_mid_batch_is_retried(ray_local, pairs_dir, tmp_
 # ----------------------------------------------------------------------------- evaluate
 
 
-class FlakyJudge:
+class FlakyJudge(LocalApp):
     """An OpenAI-compatible judge on 127.0.0.1 (the real judge is a hosted API, which nothing here
     reaches). It answers like GPT-4 Turbo's AlpacaEval prompt (one token, log-probs), its pick fixed
     by the instruction; requests number `outage[0]` to `outage[1]` (counted from 1) fail, in turn
     with a 503 and by hanging past the client's timeout."""
 
     def __init__(self, outage: tuple[int, int] = (0, -1), hang_s: float = 3.0):
-        import uvicorn
         from fastapi import FastAPI
         from fastapi.responses import JSONResponse
 
@@ -313,25 +307,7 @@ class FlakyJudge:
                     "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": token},
                                  "logprobs": {"content": [{"token": token, "logprob": -0.2, "bytes": None, "top_logprobs": top}]}}]}
 
-        self.port = _free_port()
-        self.server = uvicorn.Server(uvicorn.Config(api, host="127.0.0.1", port=self.port, log_level="error"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    def __enter__(self) -> "FlakyJudge":
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
+        super().__init__(api)
 
 
 def test_judge_outage_retries_then_resumes_without_rejudging(tmp_path):
