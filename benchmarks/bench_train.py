@@ -127,44 +127,12 @@ def per_pair_overhead(model_id: str, pairs: str, artifact: str, steps: int, devi
             "loss_trl_us": 1e6 * statistics.median(loss_times["trl"])}
 
 
+# TRL's DPOTrainer, in one of two settings: reference log-probs in the loop (a reference model
+# beside the policy), or TRL's leanest offline setting (TRL 1.16 `DPOTrainer.__init__`):
+# `precompute_ref_log_probs=True` and no `ref_model`, so the reference log-probs come from the
+# policy itself before training, in the trainer's constructor, and no second model is ever
+# loaded. TRL recomputes them per trainer; their time is reported as `reference_seconds`.
 TRL_CHILD = r"""
-import json, resource, sys, time
-import torch
-from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-from trl import DPOConfig, DPOTrainer
-from sp2dpo.models import resolve_model
-from sp2dpo.train.data import conversation, load_training_table
-
-a = json.loads(sys.argv[1])
-table, _ = load_training_table(a["artifact"], a["pairs"])
-rows = [conversation(r["prompt"], r["prompt_messages"], r["chosen"], r["rejected"]) for r in table.to_pylist()]
-path = resolve_model(a["model"])
-
-class StepTimer(TrainerCallback):
-    seconds = 0.0
-    def on_step_begin(self, args, state, control, **kw): self.t0 = time.perf_counter()
-    def on_step_end(self, args, state, control, **kw): StepTimer.seconds += time.perf_counter() - self.t0
-
-cuda = a["device"] == "cuda"
-args = DPOConfig(output_dir=a["out"], use_cpu=not cuda, bf16=False, beta=0.1, per_device_train_batch_size=a["batch"],
-                 max_length=512, max_steps=a["steps"], learning_rate=1e-6,
-                 gradient_checkpointing=a["checkpointing"], report_to=[], save_strategy="no", logging_steps=1,
-                 dataloader_num_workers=0, seed=0)
-trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
-                     ref_model=AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
-                     args=args, train_dataset=Dataset.from_list(rows),
-                     processing_class=AutoTokenizer.from_pretrained(path), callbacks=[StepTimer()])
-trainer.train()
-tokens = max(h.get("num_tokens", 0) for h in trainer.state.log_history)
-peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print("RESULT_JSON " + json.dumps({"tokens": tokens, "train_seconds": StepTimer.seconds, "peak_mb": peak}))
-"""
-
-# TRL's leanest offline setting (TRL 1.16 `DPOTrainer.__init__`): `precompute_ref_log_probs=True`
-# and no `ref_model`, so the reference log-probs come from the policy itself before training, in
-# the trainer's constructor, and no second model is ever loaded. TRL recomputes them per trainer.
-TRL_PRECOMPUTED_CHILD = r"""
 import json, resource, sys, time
 import torch
 from datasets import Dataset
@@ -195,13 +163,14 @@ DPOTrainer._precompute_ref_logps = timed_precompute
 
 cuda = a["device"] == "cuda"
 args = DPOConfig(output_dir=a["out"], use_cpu=not cuda, bf16=False, beta=0.1, per_device_train_batch_size=a["batch"],
-                 max_length=512, max_steps=a["steps"], learning_rate=1e-6, precompute_ref_log_probs=True,
+                 max_length=512, max_steps=a["steps"], learning_rate=1e-6, precompute_ref_log_probs=a["precompute"],
                  gradient_checkpointing=a["checkpointing"], report_to=[], save_strategy="no", logging_steps=1,
                  dataloader_num_workers=0, seed=0)
-trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), ref_model=None,
+ref_model = None if a["precompute"] else AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), ref_model=ref_model,
                      args=args, train_dataset=Dataset.from_list(rows),
                      processing_class=AutoTokenizer.from_pretrained(path), callbacks=[StepTimer()])
-assert trainer.ref_model is None, "TRL kept a reference model"
+assert not a["precompute"] or trainer.ref_model is None, "TRL kept a reference model"
 trainer.train()
 tokens = max(h.get("num_tokens", 0) for h in trainer.state.log_history)
 peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -272,8 +241,8 @@ def main() -> None:
         common = {"artifact": ref["artifact"], "pairs": pairs, "model": args.model, "steps": args.steps, "device": device,
                   "checkpointing": args.checkpointing, "shared_prompt": args.shared_prompt,
                   "batch": args.micro_batch_size}
-        trl = run_child(TRL_CHILD, {**common, "out": str(Path(tmp) / "trl")})
-        trl_pre = run_child(TRL_PRECOMPUTED_CHILD, {**common, "out": str(Path(tmp) / "trl_pre")})
+        trl = run_child(TRL_CHILD, {**common, "out": str(Path(tmp) / "trl"), "precompute": False})
+        trl_pre = run_child(TRL_CHILD, {**common, "out": str(Path(tmp) / "trl_pre"), "precompute": True})
         cores = {} if device == "cuda" else {"resources_per_worker": {"CPU": os.cpu_count()}}
         ours = run_child(OURS_CHILD, {**common, "out": str(Path(tmp) / "ours"), "extra": cores})
         lean = run_child(OURS_CHILD, {**common, "out": str(Path(tmp) / "lean"),
