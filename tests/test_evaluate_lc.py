@@ -4,7 +4,6 @@ seen, LC that is not estimable, and paired differences between runs."""
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import subprocess
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_evaluate_score import annotations_path, read
 from typer.testing import CliRunner
 
 from sp2dpo.cli import app
@@ -28,21 +28,11 @@ from sp2dpo.evaluate.paired import paired_comparison
 from sp2dpo.evaluate.protocol import load_eval_set
 from sp2dpo.evaluate.score import score_annotations
 
-DATA = Path(__file__).parent / "data" / "alpaca_eval"
 # The official annotations of ~45 leaderboard models (not shipped: ~60 MB; see its PROVENANCE.md).
 RESULTS = Path(os.environ.get("SP2DPO_ALPACA_EVAL_RESULTS",
                               Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca_eval" / "results"))
 needs_results = pytest.mark.skipif(not RESULTS.is_dir(), reason=f"leaderboard annotations not found at {RESULTS} "
                                    "(set SP2DPO_ALPACA_EVAL_RESULTS)")
-
-
-def annotations_path(model: str) -> Path:
-    return DATA / f"{model}.annotations.json.gz"
-
-
-def read(model: str) -> list[dict]:
-    with gzip.open(annotations_path(model), "rt") as f:
-        return json.load(f)
 
 
 @pytest.fixture(scope="module")
