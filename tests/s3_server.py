@@ -23,10 +23,22 @@ from pathlib import Path
 BUCKET = "sp2dpo-test"
 
 
+_PORTS_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free on 127.0.0.1 now and not handed out before in this process.
+
+    The OS may return a port it just returned again once that socket closes; a cluster given the
+    same number for two of its components refuses to start ("trying to use a port number ... that
+    is used by other components")."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _PORTS_GIVEN:
+            _PORTS_GIVEN.add(port)
+            return port
 
 
 def s3_env(port: int) -> dict[str, str]:
