@@ -18,7 +18,7 @@ at a time (a synchronous `LLM.chat` per batch) → the same two RESULT lines, fo
 (the figure to read on a machine too loaded for two engine start-ups; the cost of Ray Data itself
 is `--baseline loop`'s).
 
-`--baseline loop`: `VLLMEngine` + `LLMTeacher` in this process, called batch by batch →
+`--baseline loop`: `VLLMTeacherEngine` + `LLMTeacher` in this process, called batch by batch →
 `RESULT annotate_ray_overhead` (loop annotations/s ÷ Ray annotations/s, the cost of Ray Data).
 
 Every timing is end to end, engine start-up included on both sides (an actor pays it too); the
@@ -50,12 +50,12 @@ def _load() -> str:
 def in_process(cfg, pairs: list[dict], batch_size: int) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from sp2dpo.annotate.engines import LLMTeacher, VLLMEngine
+    from sp2dpo.annotate.engines import LLMTeacher, VLLMTeacherEngine
     from sp2dpo.annotate.prompts import build_messages
 
     k = cfg.pool.max_concurrent_batches
     t0 = time.perf_counter()
-    engine = VLLMEngine(cfg)
+    engine = VLLMTeacherEngine(cfg)
     start_s = time.perf_counter() - t0
     teacher = LLMTeacher(engine, cfg)
     conversations = [build_messages(p, cfg.resolved_prompt_version, cfg.generation.rationale_max_chars) for p in pairs]
@@ -110,7 +110,7 @@ def main() -> None:
     import pyarrow.parquet as pq
 
     from sp2dpo.annotate import AnnotateConfig, annotate
-    from sp2dpo.annotate.engines import LLMTeacher, VLLMEngine
+    from sp2dpo.annotate.engines import LLMTeacher, VLLMTeacherEngine
     from sp2dpo.annotate.prompts import build_messages
     from sp2dpo.annotate.store import read_shards
     from sp2dpo.data.prepare import DataConfig, prepare
@@ -134,7 +134,7 @@ def main() -> None:
         def baseline() -> tuple[dict[str, str], float, float]:
             """Texts by pair_id, seconds end to end, seconds of generation."""
             t0 = time.perf_counter()
-            engine = VLLMEngine(cfg)
+            engine = VLLMTeacherEngine(cfg)
             t_loaded = time.perf_counter()
             if args.baseline == "engine-limit":
                 conversations = [build_messages(p, cfg.resolved_prompt_version, cfg.generation.rationale_max_chars)

@@ -23,13 +23,13 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from sp2dpo.annotate.store import read_shards
 from sp2dpo.data.bundled import bundled_path
 from sp2dpo.data.prepare import normalize_record
 from sp2dpo.data.schema import PAIRS_SCHEMA
 from sp2dpo.schedule.artifact import build_artifact
 from sp2dpo.schedule.beta import ScheduleConfig
-from sp2dpo.schedule.consensus import read_annotations
-from sp2dpo.schedule.synthetic import score_annotations
+from sp2dpo.schedule.synthetic import synthetic_annotations
 from sp2dpo.storage import read_parquet, write_parquet
 
 
@@ -53,7 +53,7 @@ def make_pairs(n: int) -> pa.Table:
 def io_floor(pairs_path: str, ann_path: str, out: str, beta0: float) -> float:
     t0 = time.perf_counter()
     ids = read_parquet(pairs_path, columns=["pair_id"])["pair_id"]
-    read_annotations(ann_path)
+    read_shards(ann_path, required=True)
     pq.write_table(pa.table({"pair_id": ids, "beta": pa.array([beta0] * len(ids), pa.float64())}), out)
     return time.perf_counter() - t0
 
@@ -69,7 +69,7 @@ def main() -> None:
         pairs = make_pairs(args.n)
         pairs_path = str(Path(tmp) / "pairs.parquet")
         pq.write_table(pairs, pairs_path)
-        ann = score_annotations(pairs, teachers=args.teachers, seed=0, failed_rate=0.02)
+        ann = synthetic_annotations(pairs, teachers=args.teachers, seed=0, failed_rate=0.02)
         shard = -(-ann.num_rows // 4)
         for i in range(4):
             write_parquet(ann.slice(i * shard, shard), str(Path(tmp) / "ann" / f"part-{i}.parquet"))

@@ -204,13 +204,18 @@ def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
     return pq.read_table(path, filesystem=fs, columns=columns)
 
 
+def read_parquet_schema(uri: str) -> pa.Schema:
+    """A Parquet file's schema (with its metadata), from the footer only."""
+    fs, path = filesystem_and_path(uri)
+    return pq.read_schema(path, filesystem=fs)
+
+
 def read_sp2dpo_metadata(uri_or_table: str | pa.Table) -> dict[str, Any]:
     """The `sp2dpo.*` key-value metadata written by `write_parquet`, decoded."""
     if isinstance(uri_or_table, pa.Table):
         raw = uri_or_table.schema.metadata or {}
     else:
-        fs, path = filesystem_and_path(uri_or_table)
-        raw = pq.read_schema(path, filesystem=fs).metadata or {}
+        raw = read_parquet_schema(uri_or_table).metadata or {}
     return {k.decode()[len("sp2dpo."):]: json.loads(v) for k, v in raw.items() if k.startswith(b"sp2dpo.")}
 
 

@@ -14,7 +14,7 @@ from sp2dpo.annotate.parse import parse_annotation
 from sp2dpo.annotate.prompts import PROMPT_VERSIONS, build_messages, map_back
 from sp2dpo.annotate.ratings import ratings_annotations
 from sp2dpo.annotate.schema import ANNOTATIONS_SCHEMA, CATEGORIES, Annotation
-from sp2dpo.annotate.store import ShardStore, read_annotations, shard_files, slug
+from sp2dpo.annotate.store import ShardStore, latest_annotations, shard_files, slug
 
 GOOD = {"category": "factuality", "magnitude": 2, "confidence": 0.8, "rationale": "B invents a date."}
 
@@ -184,7 +184,7 @@ def test_store_done_keys_compaction_and_reader(tmp_path):
     assert store.remove_stale_tmp() == 1
     # A retry succeeded: the failed row is superseded; the reader prefers it already, compaction removes it.
     store.write(_rows(["c"], teacher="vllm:org/m", version="v1-swapped"))
-    both = read_annotations(str(tmp_path))
+    both = latest_annotations(str(tmp_path))
     assert sorted(both["pair_id"].to_pylist()) == ["a", "b", "c"] and set(both["status"].to_pylist()) == {"ok"}
     assert store.compact() == 1
     files = shard_files(str(tmp_path))

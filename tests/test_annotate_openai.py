@@ -240,10 +240,10 @@ def test_faulty_server_through_ray_never_crashes(ray_local, faulty_server, tmp_p
 def test_concurrency_is_bounded(faulty_server):
     import httpx
 
-    from sp2dpo.annotate.engines import OpenAIEngine
+    from sp2dpo.annotate.engines import OpenAITeacherEngine
 
     httpx.post(f"{faulty_server}/reset")
-    engine = OpenAIEngine(_openai_config(faulty_server, "unused", "unused", openai={"concurrency": 2}))
+    engine = OpenAITeacherEngine(_openai_config(faulty_server, "unused", "unused", openai={"concurrency": 2}))
     t0 = time.perf_counter()
     results = engine.generate([[{"role": "user", "content": f"Q [id:steady{i}] [fault:steady]"}] for i in range(8)])
     seconds = time.perf_counter() - t0
@@ -258,16 +258,16 @@ def test_api_key_comes_from_the_environment(faulty_server, monkeypatch):
     """The key is read from the named environment variable in the process that makes requests."""
     proc, url = _start("faulty", "--api-key", "s3cret")
     try:
-        from sp2dpo.annotate.engines import OpenAIEngine
+        from sp2dpo.annotate.engines import OpenAITeacherEngine
 
         msgs = [[{"role": "user", "content": "Q [id:key0] [fault:ok]"}]]
         monkeypatch.setenv("SP2DPO_TEST_TEACHER_KEY", "s3cret")
         cfg = _openai_config(url, "unused", "unused", openai={"api_key_env": "SP2DPO_TEST_TEACHER_KEY"})
-        engine = OpenAIEngine(cfg)
+        engine = OpenAITeacherEngine(cfg)
         assert json.loads(engine.generate(msgs)[0].text) == GOOD
         engine.close()
         monkeypatch.setenv("SP2DPO_TEST_TEACHER_KEY", "wrong")
-        engine = OpenAIEngine(cfg)
+        engine = OpenAITeacherEngine(cfg)
         result = engine.generate(msgs)[0]
         engine.close()
         assert result.text is None and result.error.startswith("HTTP 401")

@@ -18,7 +18,7 @@ import pytest
 
 from sp2dpo.annotate import AnnotateConfig, annotate
 from sp2dpo.annotate.schema import ANNOTATIONS_SCHEMA, CATEGORIES
-from sp2dpo.annotate.store import read_annotations, read_shards, shard_files
+from sp2dpo.annotate.store import latest_annotations, read_shards, shard_files
 from sp2dpo.data.prepare import DataConfig, prepare
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,9 +140,7 @@ def test_llm_teacher_actor_pool_keeps_failed_rows_and_coexists(ray_local, pairs_
         if r["status"] == "failed":
             assert r["raw_text"] is not None and r["repairs"] and r["category"] is None
     # The schedule stage's reader takes the directory as it is.
-    from sp2dpo.schedule.consensus import read_annotations as schedule_reader
-
-    assert schedule_reader(out).num_rows == 12 == read_annotations(out).num_rows
+    assert read_shards(out, required=True).num_rows == 12 == latest_annotations(out).num_rows
 
 
 def test_teacher_that_cannot_start_is_a_clear_error(ray_local, pairs_dir, tmp_path):

@@ -49,14 +49,14 @@ def test_overlapped_batches_give_the_rows_of_one_batch_at_a_time(smollm2_dir, tm
     from concurrent.futures import ThreadPoolExecutor
 
     from sp2dpo.annotate import AnnotateConfig
-    from sp2dpo.annotate.engines import VLLMEngine
+    from sp2dpo.annotate.engines import VLLMTeacherEngine
     from sp2dpo.annotate.prompts import build_messages
     from sp2dpo.data.prepare import DataConfig, prepare
 
     prepare(DataConfig(inputs=["ultrafeedback-sample"], out=str(tmp_path / "data"), limit=8), show_progress=False)
     pairs = pq.read_table(tmp_path / "data" / "pairs.parquet").to_pylist()
     cfg = AnnotateConfig(teacher="vllm", pool={"batch_size": 2, "max_concurrent_batches": 4})
-    engine = VLLMEngine(cfg)
+    engine = VLLMTeacherEngine(cfg)
     try:
         assert engine.loop is not None
         batches = [[build_messages(p, cfg.resolved_prompt_version, 120) for p in pairs[i:i + 2]] for i in range(0, 8, 2)]

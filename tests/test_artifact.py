@@ -16,7 +16,7 @@ from sp2dpo.data.prepare import DataConfig, prepare
 from sp2dpo.schedule.artifact import (
     ARTIFACT_SCHEMA, ArtifactError, beta_digest, build_artifact, read_artifact, training_pairs, verify_artifact)
 from sp2dpo.schedule.beta import ScheduleConfig
-from sp2dpo.schedule.synthetic import score_annotations
+from sp2dpo.schedule.synthetic import synthetic_annotations
 from sp2dpo.storage import read_parquet, write_parquet
 
 POLICIES = ScheduleConfig(noise_policy="drop", reversed_policy="flip")
@@ -30,7 +30,7 @@ def sample(tmp_path_factory):
     prepare(DataConfig(inputs=["ultrafeedback-sample"], out=str(root / "data")), show_progress=False)
     pairs_path = str(root / "data" / "pairs.parquet")
     pairs = read_parquet(pairs_path)
-    ann = score_annotations(pairs, teachers=3, seed=7, failed_rate=0.05)
+    ann = synthetic_annotations(pairs, teachers=3, seed=7, failed_rate=0.05)
     write_parquet(ann.slice(0, 1000), str(root / "ann" / "teacher-a" / "part-0.parquet"))
     write_parquet(ann.slice(1000), str(root / "ann" / "teacher-b" / "part-0.parquet"))
     return {"root": root, "pairs": pairs_path, "ann": str(root / "ann"), "annotations": ann, "n": pairs.num_rows}

@@ -13,7 +13,7 @@ from sp2dpo.data.prepare import DataConfig, prepare
 from sp2dpo.schedule.artifact import build_artifact, read_artifact
 from sp2dpo.schedule.audit import write_audit
 from sp2dpo.schedule.beta import ScheduleConfig
-from sp2dpo.schedule.synthetic import score_annotations
+from sp2dpo.schedule.synthetic import synthetic_annotations
 from sp2dpo.storage import read_parquet, write_parquet
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -24,7 +24,7 @@ def artifact(tmp_path_factory):
     root = tmp_path_factory.mktemp("audit")
     prepare(DataConfig(inputs=["ultrafeedback-sample"], out=str(root / "data")), show_progress=False)
     pairs = read_parquet(str(root / "data" / "pairs.parquet"))
-    write_parquet(score_annotations(pairs, teachers=2, seed=3, failed_rate=0.05), str(root / "ann" / "a.parquet"))
+    write_parquet(synthetic_annotations(pairs, teachers=2, seed=3, failed_rate=0.05), str(root / "ann" / "a.parquet"))
     path = str(root / "beta.parquet")
     build_artifact(str(root / "data" / "pairs.parquet"), str(root / "ann"), path,
                    ScheduleConfig(noise_policy="drop", reversed_policy="flip"))

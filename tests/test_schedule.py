@@ -13,9 +13,10 @@ import yaml
 from pydantic import ValidationError
 
 from sp2dpo.annotate.schema import ANNOTATIONS_SCHEMA, CATEGORIES, Annotation, annotation_json_schema
+from sp2dpo.annotate.store import read_shards
 from sp2dpo.config import load_config, packaged_config_path
 from sp2dpo.schedule.beta import SEMANTIC_CATEGORIES, ScheduleConfig, schedule_beta
-from sp2dpo.schedule.consensus import consensus, read_annotations
+from sp2dpo.schedule.consensus import consensus
 
 NAN = float("nan")
 
@@ -360,7 +361,7 @@ def test_consensus_refuses_bad_annotations():
         consensus(_ann([("p1", "t", "v", "unannotated", 1, 0.5, "ok")]), ids)
 
 
-def test_read_annotations_reads_every_shard_recursively(tmp_path):
+def test_read_shards_reads_every_shard_recursively(tmp_path):
     table = _ann(DISAGREEING)
     (tmp_path / "teacher_a" / "v1").mkdir(parents=True)
     (tmp_path / "teacher_b").mkdir()
@@ -368,19 +369,19 @@ def test_read_annotations_reads_every_shard_recursively(tmp_path):
     pq.write_table(table.slice(5), tmp_path / "teacher_b" / "shard-0.parquet")
     (tmp_path / "teacher_b" / "shard-1.parquet.tmp-123").write_bytes(b"partial write")
     (tmp_path / "README.txt").write_text("not a shard")
-    read = read_annotations(str(tmp_path))
+    read = read_shards(str(tmp_path), required=True)
     assert read.schema.equals(ANNOTATIONS_SCHEMA)
     assert sorted(read["pair_id"].to_pylist()) == sorted(table["pair_id"].to_pylist())
-    single = read_annotations(str(tmp_path / "teacher_b" / "shard-0.parquet"))
+    single = read_shards(str(tmp_path / "teacher_b" / "shard-0.parquet"), required=True)
     assert single.num_rows == table.num_rows - 5
     with pytest.raises(FileNotFoundError):
-        read_annotations(str(tmp_path / "nope"))
+        read_shards(str(tmp_path / "nope"), required=True)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no \\*.parquet"):
-        read_annotations(str(tmp_path / "empty"))
+        read_shards(str(tmp_path / "empty"), required=True)
     pq.write_table(pa.table({"pair_id": ["p1"]}), tmp_path / "empty" / "x.parquet")
     with pytest.raises(ValueError, match="missing columns"):
-        read_annotations(str(tmp_path / "empty"))
+        read_shards(str(tmp_path / "empty"), required=True)
 
 
 def test_annotation_schema_roundtrip_json():

@@ -156,9 +156,9 @@ def test_annotate_resumes_from_shards_on_s3_then_schedule_and_audit(s3, ray_loca
     assert len(shards) == 3 and all(k.startswith("ratings/") for k in shards)
     second = annotate(AnnotateConfig(pairs=pairs, out=ann, teacher="ratings", shard_rows=10), show_progress=False)
     assert (second["skipped"], second["annotated"] + second["failed"]) == (25, 15), "resumed: only the rest"
-    from sp2dpo.annotate.store import read_annotations
+    from sp2dpo.annotate.store import latest_annotations
 
-    table = read_annotations(ann)
+    table = latest_annotations(ann)
     assert table.num_rows == 40 and len(set(table["pair_id"].to_pylist())) == 40
 
     out = s3.new_prefix("schedule")

@@ -1,6 +1,6 @@
 """LLM teacher engines behind one interface: messages in, text (and token counts) out.
 
-    engine = build_engine(config)              # vllm | openai | transformers
+    engine = build_teacher_engine(config)              # vllm | openai | transformers
     rows = LLMTeacher(engine, config).annotate(pairs)   # annotation rows, one per pair
 
 An engine turns a list of chat conversations into `Generation`s and never raises for one bad
@@ -41,7 +41,7 @@ class Generation:
     finish_reason: str | None = None
 
 
-class Engine(Protocol):
+class TeacherEngine(Protocol):
     def generate(self, conversations: list[list[dict[str, str]]]) -> list[Generation]: ...
 
     def close(self) -> None: ...
@@ -66,7 +66,7 @@ def cuda_available() -> bool:
         return False
 
 
-class VLLMEngine:
+class VLLMTeacherEngine:
     """One `vllm.LLM` in this process; decoding constrained by the annotation JSON Schema."""
 
     def __init__(self, config: AnnotateConfig):
@@ -228,7 +228,7 @@ class _EngineLoop:
 # ----------------------------------------------------------------------------- transformers
 
 
-class TransformersEngine:
+class TransformersTeacherEngine:
     """Local `generate()`: greedy, batched with left padding."""
 
     def __init__(self, config: AnnotateConfig):
@@ -287,7 +287,7 @@ class TransformersEngine:
 RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504}
 
 
-class OpenAIEngine:
+class OpenAITeacherEngine:
     """Async client, bounded concurrency, per-request timeout, retries with exponential backoff.
 
     One event loop per engine, in its own thread (an AsyncOpenAI client belongs to the loop it was
@@ -368,8 +368,8 @@ class OpenAIEngine:
         self.loop.close()
 
 
-def build_engine(config: AnnotateConfig) -> Engine:
-    engines = {"vllm": VLLMEngine, "transformers": TransformersEngine, "openai": OpenAIEngine}
+def build_teacher_engine(config: AnnotateConfig) -> TeacherEngine:
+    engines = {"vllm": VLLMTeacherEngine, "transformers": TransformersTeacherEngine, "openai": OpenAITeacherEngine}
     if config.teacher not in engines:
         raise ValueError(f"{config.teacher!r} is not an LLM teacher")
     return engines[config.teacher](config)
@@ -381,7 +381,7 @@ def build_engine(config: AnnotateConfig) -> Engine:
 class LLMTeacher:
     """Pairs → prompts → engine → parsed annotation rows (ANNOTATIONS_SCHEMA dicts)."""
 
-    def __init__(self, engine: Engine, config: AnnotateConfig):
+    def __init__(self, engine: TeacherEngine, config: AnnotateConfig):
         self.engine = engine
         self.name = config.resolved_teacher_name
         self.version = config.resolved_prompt_version

@@ -76,10 +76,10 @@ class TeacherActor:
     """A Ray Data actor: builds its engine once, then annotates batch after batch."""
 
     def __init__(self, config: dict):
-        from sp2dpo.annotate.engines import LLMTeacher, build_engine
+        from sp2dpo.annotate.engines import LLMTeacher, build_teacher_engine
 
         cfg = AnnotateConfig.model_validate(config)
-        self.teacher = LLMTeacher(build_engine(cfg), cfg)
+        self.teacher = LLMTeacher(build_teacher_engine(cfg), cfg)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = self.teacher.annotate(batch.to_pylist())

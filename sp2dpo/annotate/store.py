@@ -13,7 +13,7 @@ Resume reads the keys (pair_id) already present. With `--retry-failed`, a failed
 asked again; its new row supersedes the failed one: after the new shard is safely written, the
 shards holding superseded failed rows are rewritten without them (atomically). If a run dies
 between the two steps, the next run finishes the compaction first, and a reader that meets both
-rows in the meantime keeps the non-failed one (`read_annotations` here; the schedule's consensus
+rows in the meantime keeps the non-failed one (`latest_annotations` here; the schedule's consensus
 does the same).
 """
 
@@ -28,7 +28,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from sp2dpo.annotate.schema import ANNOTATIONS_SCHEMA
-from sp2dpo.storage import delete_file, join_uri, list_files, read_parquet, remove_stale_tmp, write_parquet
+from sp2dpo.storage import (delete_file, exists, is_file, join_uri, list_files, read_parquet,
+                            read_parquet_schema, remove_stale_tmp, write_parquet)
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -40,19 +41,42 @@ def slug(name: str) -> str:
 
 
 def shard_files(uri: str) -> list[str]:
-    """Every visible `*.parquet` under `uri`, recursively, sorted (oldest run first)."""
+    """`uri` itself if it is a file, else every visible `*.parquet` under it, recursively, sorted
+    (oldest run first); empty when nothing is there."""
+    if is_file(uri):
+        return [uri]
     return list_files(uri, suffix=".parquet")
 
 
-def read_shards(uri: str, columns: list[str] | None = None) -> pa.Table:
-    """All rows of all shards under `uri` (file order), as ANNOTATIONS_SCHEMA or its `columns`."""
+def _read_shard(uri: str, schema: pa.Schema) -> pa.Table:
+    """One shard's `schema` columns; a file that is not an annotations table is refused by name."""
+    names = read_parquet_schema(uri).names
+    missing = [name for name in ANNOTATIONS_SCHEMA.names if name not in names]
+    if missing:
+        raise ValueError(f"{uri}: not an annotations table, missing columns {missing}")
+    table = read_parquet(uri, columns=schema.names)
+    try:
+        return table.cast(schema)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, NotImplementedError) as exc:
+        raise ValueError(f"{uri}: columns do not match the annotations schema: {exc}") from exc
+
+
+def read_shards(uri: str, columns: list[str] | None = None, required: bool = False) -> pa.Table:
+    """All rows of all shards under `uri` (file order, duplicates kept), as ANNOTATIONS_SCHEMA or
+    its `columns`. With `required`, a missing path or one without shards is an error instead of
+    an empty table (a stage reading annotations someone else wrote)."""
     schema = ANNOTATIONS_SCHEMA if columns is None else pa.schema([ANNOTATIONS_SCHEMA.field(c) for c in columns])
-    tables = [read_parquet(path, columns=schema.names).cast(schema) for path in shard_files(uri)]
+    files = shard_files(uri)
+    if required and not files:
+        if not exists(uri):
+            raise FileNotFoundError(f"annotations not found: {uri}")
+        raise ValueError(f"no *.parquet annotation shards under {uri}")
+    tables = [_read_shard(path, schema) for path in files]
     return pa.concat_tables(tables) if tables else schema.empty_table()
 
 
-def read_annotations(uri: str) -> pa.Table:
-    """The annotations table under `uri`: one row per (pair_id, teacher, prompt_version), the
+def latest_annotations(uri: str) -> pa.Table:
+    """The annotations under `uri` with one row per (pair_id, teacher, prompt_version): the
     latest non-failed row if there is one, else the latest failed row."""
     table = read_shards(uri)
     if table.num_rows == 0:

@@ -34,8 +34,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from sp2dpo import __version__
+from sp2dpo.annotate.store import read_shards
 from sp2dpo.schedule.beta import UNANNOTATED, Schedule, ScheduleConfig, schedule_beta
-from sp2dpo.schedule.consensus import CONSENSUS_INPUTS, consensus, read_annotations
+from sp2dpo.schedule.consensus import CONSENSUS_INPUTS, consensus
 from sp2dpo.storage import read_parquet, read_sp2dpo_metadata, write_parquet
 from sp2dpo.utils import progress_bar
 
@@ -135,7 +136,7 @@ def build_artifact(pairs_path: str, annotations_path: str, out_path: str, config
         if pair_ids.null_count or pc.count_distinct(pair_ids).as_py() != len(pair_ids):
             raise ValueError(f"{pairs_path}: pair_id must be unique and non-null")
         bar.update()
-        annotations = read_annotations(annotations_path, columns=CONSENSUS_INPUTS)
+        annotations = read_shards(annotations_path, columns=CONSENSUS_INPUTS, required=True)
         bar.update()
         t1 = time.perf_counter()
         cons, provenance = consensus(annotations, pair_ids)

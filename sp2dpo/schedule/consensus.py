@@ -27,12 +27,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from sp2dpo.annotate.schema import ANNOTATION_STATUSES, ANNOTATIONS_SCHEMA, MAGNITUDE_MAX, MAGNITUDE_MIN
-from sp2dpo.annotate.store import shard_files
+from sp2dpo.annotate.schema import ANNOTATION_STATUSES, MAGNITUDE_MAX, MAGNITUDE_MIN
 from sp2dpo.schedule.beta import ALL_CATEGORIES, UNANNOTATED, category_codes
-from sp2dpo.storage import exists, filesystem_and_path, is_file
 
 CONSENSUS_SCHEMA = pa.schema(
     [
@@ -49,36 +46,6 @@ VALID_STATUSES = ("ok", "repaired")
 # The annotation columns consensus reads (rationales and raw text stay on disk).
 CONSENSUS_INPUTS = ["pair_id", "teacher", "prompt_version", "category", "magnitude", "confidence", "status"]
 N_LEVELS = MAGNITUDE_MAX - MAGNITUDE_MIN + 1
-
-
-def annotation_files(path: str) -> list[str]:
-    """Every `*.parquet` under `path` (recursively), sorted; or `path` itself if it is a file."""
-    if is_file(path):
-        return [path]
-    if not exists(path):
-        raise FileNotFoundError(f"annotations not found: {path}")
-    files = shard_files(path)
-    if not files:
-        raise ValueError(f"no *.parquet annotation shards under {path}")
-    return files
-
-
-def read_annotations(path: str, columns: list[str] | None = None) -> pa.Table:
-    """All annotation shards under `path` as one table with ANNOTATIONS_SCHEMA (or its `columns`)."""
-    schema = ANNOTATIONS_SCHEMA if columns is None else pa.schema([ANNOTATIONS_SCHEMA.field(c) for c in columns])
-    tables = []
-    for file in annotation_files(path):
-        fs, local = filesystem_and_path(file)
-        names = pq.read_schema(local, filesystem=fs).names
-        missing = [name for name in ANNOTATIONS_SCHEMA.names if name not in names]
-        if missing:
-            raise ValueError(f"{file}: not an annotations table, missing columns {missing}")
-        table = pq.read_table(local, filesystem=fs, columns=schema.names)
-        try:
-            tables.append(table.cast(schema))
-        except (pa.ArrowInvalid, pa.ArrowTypeError, NotImplementedError) as exc:
-            raise ValueError(f"{file}: columns do not match the annotations schema: {exc}") from exc
-    return pa.concat_tables(tables)
 
 
 def _sorted_codes(values: pa.ChunkedArray) -> np.ndarray:

@@ -24,7 +24,7 @@ GAP_CATEGORIES = ("safety", "factuality", "instruction_following", "reasoning", 
 GAP_PROBS = (0.04, 0.12, 0.16, 0.14, 0.40, 0.14)
 
 
-def score_annotations(pairs: pa.Table, teachers: int = 1, seed: int = 0, agreement: float = 0.75,
+def synthetic_annotations(pairs: pa.Table, teachers: int = 1, seed: int = 0, agreement: float = 0.75,
                       reversed_rate: float = 0.03, failed_rate: float = 0.0) -> pa.Table:
     """ANNOTATIONS_SCHEMA rows: one per (pair, teacher), teachers named `synthetic-<k>`."""
     rng = np.random.default_rng(seed)

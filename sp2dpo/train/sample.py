@@ -19,7 +19,7 @@ def build_sample_inputs(out_dir: str | Path, limit: int = 32, seed: int = 0, max
 
     from sp2dpo.data.prepare import DataConfig, prepare
     from sp2dpo.schedule.artifact import build_artifact
-    from sp2dpo.schedule.synthetic import score_annotations
+    from sp2dpo.schedule.synthetic import synthetic_annotations
     from sp2dpo.storage import read_parquet, write_parquet
 
     out = Path(out_dir)
@@ -33,7 +33,7 @@ def build_sample_inputs(out_dir: str | Path, limit: int = 32, seed: int = 0, max
         pairs = pairs.filter(short)
     pairs = pairs.slice(0, limit)
     write_parquet(pairs, pairs_path)
-    annotations = score_annotations(pairs, teachers=2, seed=seed)
+    annotations = synthetic_annotations(pairs, teachers=2, seed=seed)
     write_parquet(annotations, str(out / "annotations" / "part-0.parquet"))
     artifact_path = str(out / "beta.parquet")
     build_artifact(pairs_path, str(out / "annotations"), artifact_path, control=control)
