@@ -307,3 +307,82 @@ def test_reference_stage_scores_once_for_controls_with_the_same_rows(tmp_path, r
 
     assert read_artifact(str(ref_dir / "beta-global.parquet"))[1]["reference"] == \
         read_artifact(str(ref_dir / "beta-semantic.parquet"))[1]["reference"]
+
+
+# ----------------------------------------------------------------------------- the console
+
+
+def _noisy_stage(config, sd):
+    """Output the way Ray, vLLM and workers produce it: Python streams, logging, the raw fd, a
+    child process and a tqdm bar."""
+    import logging
+
+    from tqdm import tqdm
+
+    print("INFO noisy-stdout")
+    print("INFO noisy-stderr", file=sys.stderr)
+    # A library that sets up its logger when first imported, as vLLM does, inside the stage.
+    logger = logging.getLogger("sp2dpo.test.noisy")
+    handler = logging.StreamHandler()
+    logger.addHandler(handler)
+    logger.warning("noisy-logging")
+    logger.removeHandler(handler)
+    os.write(2, b"noisy-fd2\n")
+    subprocess.run([sys.executable, "-c", "import sys; print('noisy-child', file=sys.stderr)"], check=True)
+    for _ in tqdm(range(3), desc="train"):
+        pass
+    return {"ok": True}
+
+
+def _noisy_stages() -> list[Stage]:
+    return [_data_stage(), Stage("noisy", _noisy_stage, inputs=("data",), description="makes noise")]
+
+
+def test_a_quiet_run_keeps_library_output_in_the_stage_log(tmp_path, capfd):
+    config = _config(tmp_path)
+    results = {r.name: r for r in run_pipeline(config, _noisy_stages(), config.run_dir)}
+    assert results["noisy"].status == "ran"
+    out, err = capfd.readouterr()
+    console = out + err
+    assert "[2/2] noisy: makes noise" in console and "noisy done in" in console
+    for noise in ("noisy-stdout", "noisy-stderr", "noisy-logging", "noisy-fd2", "noisy-child", "3/3"):
+        assert noise not in console, (noise, console)
+    log = (tmp_path / "run" / "logs" / "noisy.log").read_text()
+    for line in ("noisy-stdout", "noisy-stderr", "noisy-logging", "noisy-fd2", "noisy-child", "3/3"):
+        assert line in log, (line, log)
+    # The descriptors are back: output after the run reaches the terminal again.
+    os.write(2, b"after-the-run\n")
+    assert "after-the-run" in capfd.readouterr().err
+
+
+def test_verbose_streams_library_output(tmp_path, capfd):
+    config = _config(tmp_path)
+    run_pipeline(config, _noisy_stages(), config.run_dir, verbose=True)
+    console = "".join(capfd.readouterr())
+    for line in ("noisy-stdout", "noisy-stderr", "noisy-fd2", "noisy-child"):
+        assert line in console, line
+    assert not (tmp_path / "run" / "logs" / "noisy.log").exists()
+
+
+def test_a_failed_stage_names_its_log(tmp_path, capfd):
+    def broken(config, sd):
+        print("the real reason, deep in a library")
+        raise RuntimeError("boom")
+
+    config = _config(tmp_path)
+    with pytest.raises(StageFailed):
+        run_pipeline(config, [_data_stage(), Stage("broken", broken, inputs=("data",))], config.run_dir)
+    console = "".join(capfd.readouterr())
+    log = tmp_path / "run" / "logs" / "broken.log"
+    assert f"its log (Ray, vLLM, Serve, workers): {log}" in console.replace("\n", "")
+    assert "the real reason" in log.read_text()
+
+
+def test_latest_progress_reads_the_newest_tqdm_bar():
+    from sp2dpo.pipeline.console import latest_progress
+
+    text = ("(RayTrainWorker pid=1) train:  42%|████▏     | 5/12 [00:30<00:38]\r"
+            "\x1b[36m(RayTrainWorker pid=1)\x1b[0m train:  58%|█████▊    | 7/12 [00:53<00:46, loss=0.6]\n")
+    assert latest_progress(text) == "train 7/12"
+    assert latest_progress(" 50%|█████     | 1/2 [00:01<00:01]") == "1/2"
+    assert latest_progress("INFO no bar here") is None

@@ -8,16 +8,21 @@ import typer
 
 from sp2dpo.cli_common import ConfigOpt, JsonOpt, SetOpt, build_config, fail, run_and_report
 
+VerboseOpt = typer.Option(False, "--verbose", "-v", help="Stream Ray, vLLM, Serve and worker output to the terminal "
+                          "instead of run_dir/logs/<stage>.log.")
+
 
 def run(config: Any, until: str | None = None, force: list[str] | None = None, dry_run: bool = False,
-        stages: list | None = None) -> dict[str, Any]:
-    """Run (or with dry_run, plan) the pipeline; return the summary the CLI prints."""
+        stages: list | None = None, verbose: bool = False) -> dict[str, Any]:
+    """Run (or with dry_run, plan) the pipeline; return the summary the CLI prints. Library output
+    goes to `run_dir/logs/<stage>.log` unless `verbose`."""
     from sp2dpo.pipeline.runner import MANIFEST, run_pipeline
     from sp2dpo.pipeline.stages import default_stages
     from sp2dpo.storage import join_uri
 
     results = run_pipeline(config, stages if stages is not None else default_stages(config), config.run_dir,
-                           until=until or config.until, force=list(force or config.force), dry_run=dry_run)
+                           until=until or config.until, force=list(force or config.force), dry_run=dry_run,
+                           verbose=verbose)
     summary: dict[str, Any] = {
         "run_dir": config.run_dir,
         "stages": {r.name: {"status": r.status, "path": r.path, "seconds": r.seconds} for r in results},
@@ -31,17 +36,20 @@ def run(config: Any, until: str | None = None, force: list[str] | None = None, d
     return summary
 
 
-def _run_cli(cfg: Any, until: str | None, force: list[str] | None, dry_run: bool, as_json: bool, title: str) -> None:
+def _run_cli(cfg: Any, until: str | None, force: list[str] | None, dry_run: bool, as_json: bool, title: str,
+             verbose: bool) -> None:
     from sp2dpo.pipeline.runner import ERROR_FILE, StageFailed
 
     def go() -> dict[str, Any]:
         try:
-            summary = run(cfg, until, force, dry_run)
+            summary = run(cfg, until, force, dry_run, verbose=verbose)
         except StageFailed as exc:
             fail(f"{exc}\n  traceback: {exc.path}/{ERROR_FILE}\n"
                  "  finished stages are kept: rerun the same command to resume after them.", code=1)
         if as_json:
             return summary
+        if title == "demo":  # its stage lines said it all; the comparison follows
+            return {"run_dir": summary["run_dir"], "logs": f"{summary['run_dir']}/logs"}
         # One row per stage reads better than the nested dict.
         rows = {name: f"{s['status']} {s['seconds']:.1f} s  {s['path']}" for name, s in summary["stages"].items()}
         return {"run_dir": summary["run_dir"], **rows, **({"manifest": summary["manifest"]} if "manifest" in summary else {})}
@@ -56,6 +64,7 @@ def pipeline_cmd(
     force: list[str] = typer.Option(None, help="Rerun this stage even if it is complete (repeatable)."),
     dry_run: bool = typer.Option(False, "--plan", help="Show each stage's output dir and whether it is complete; run nothing."),
     as_json: bool = JsonOpt,
+    verbose: bool = VerboseOpt,
 ) -> None:
     """Run every stage whose outputs are not complete yet; a rerun resumes after the last finished stage."""
     from sp2dpo.pipeline.config import PipelineConfig
@@ -63,18 +72,19 @@ def pipeline_cmd(
     if not config:
         fail("--config is required (a pipeline YAML, or a packaged name such as `demo`)")
     cfg = build_config(PipelineConfig, config, overrides, "pipeline")
-    _run_cli(cfg, until, force, dry_run, as_json, "pipeline")
+    _run_cli(cfg, until, force, dry_run, as_json, "pipeline", verbose)
 
 
 def demo_cmd(
     overrides: list[str] = SetOpt,
     as_json: bool = JsonOpt,
+    verbose: bool = VerboseOpt,
 ) -> None:
     """The whole pipeline on the packaged CPU demo config (SmolLM2-135M, tens of pairs)."""
     from sp2dpo.pipeline.config import PipelineConfig
 
     cfg = build_config(PipelineConfig, "demo", overrides, "pipeline")
-    _run_cli(cfg, None, None, False, as_json, "demo")
+    _run_cli(cfg, None, None, False, as_json, "demo", verbose)
     if not as_json:
         _print_demo_report(cfg.run_dir)
 

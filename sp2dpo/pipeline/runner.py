@@ -232,13 +232,18 @@ def run_pipeline(
     until: str | None = None,
     force: list[str] | tuple[str, ...] = (),
     dry_run: bool = False,
+    verbose: bool = False,
     console: Any = None,
 ) -> list[StageResult]:
-    """Run `stages` in order, skipping those already complete; return one result per stage."""
-    from rich.console import Console
+    """Run `stages` in order, skipping those already complete; return one result per stage.
 
-    console = console or Console(stderr=True)
+    Each running stage's library output (Ray, vLLM, Serve, progress bars of workers) goes to
+    `run_dir/logs/<stage>.log` and the console shows one live line per stage; `verbose` streams
+    it all instead (sp2dpo.pipeline.console)."""
+    from sp2dpo.pipeline.console import PipelineConsole
+
     run_dir = storage.absolute(run_dir)  # stages hand paths to Ray workers with other working dirs
+    console = PipelineConsole(run_dir, verbose=verbose or dry_run, console=console)
     p = plan(config, stages, run_dir, until)
     unknown = set(force) - set(p.keys)
     if unknown:
@@ -260,12 +265,15 @@ def run_pipeline(
             result = StageResult(stage.name, key, path, "pending")
             console.print(f"[yellow]•[/] {label} [dim]to run ({path})[/]")
         else:
-            console.rule(f"{label}: {stage.description or stage.name}", style="cyan")
+            console.rule(f"{label}: {stage.description or stage.name}")
             console.print(f"[dim]output: {path}[/]")
             try:
-                result = _run_stage(stage, config, p, results, console)
+                with console.stage(stage.name) as log:
+                    result = _run_stage(stage, config, p, results)
             except StageFailed:
                 console.print(f"[red]✗[/] {label} [dim]failed; traceback in {join_uri(path, ERROR_FILE)}[/]")
+                if log is not None:
+                    console.print(f"[red]  its log (Ray, vLLM, Serve, workers): {log}[/]")
                 manifest["stages"].append({"name": stage.name, "key": key, "path": path, "status": "failed"})
                 write_json(join_uri(run_dir, MANIFEST), manifest)
                 raise
@@ -279,7 +287,7 @@ def run_pipeline(
     return list(results.values())
 
 
-def _run_stage(stage: Stage, config: Any, p: Plan, done: dict[str, StageResult], console: Any) -> StageResult:
+def _run_stage(stage: Stage, config: Any, p: Plan, done: dict[str, StageResult]) -> StageResult:
     key, path = p.keys[stage.name], p.paths[stage.name]
     makedirs(path)
     stage_dir = StageDir(stage.name, key, path, p.sections[stage.name], dict(stage.params),
