@@ -11,8 +11,9 @@ import sys
 
 
 def run(*stage: str) -> None:
-    # The job's working dir is a Ray-managed copy that can be removed while a long job still runs
-    # (seen after Ray Train and Serve actors of the job exit); relative sys.path entries would then
+    # The job's working dir is a Ray-managed copy that can be removed while the job still runs:
+    # Ray unpacks a working dir with overwrite, so a second raylet sharing this node's Ray temp dir
+    # (several nodes on one host) replaces it on first use. Relative sys.path entries would then
     # fail every later import that resolves them (pkg_resources does), so pin them now.
     sys.path[:] = [os.path.abspath(p) for p in sys.path]
     from sp2dpo.cli import app

@@ -219,17 +219,20 @@ class LocalCluster:
         return path.read_text(errors="replace") if path.exists() else ""
 
     def start(self) -> "LocalCluster":
-        common = ["--object-store-memory", str(self.object_store_bytes), "--temp-dir", self.temp_dir,
-                  "--node-ip-address", "127.0.0.1"]
+        common = ["--object-store-memory", str(self.object_store_bytes), "--node-ip-address", "127.0.0.1"]
         head = self._start(["--head", "--port", str(self.gcs_port), "--dashboard-host", "127.0.0.1",
                             "--dashboard-port", str(self.dashboard_port), "--include-dashboard", "true",
                             "--ray-client-server-port", str(free_port()), "--num-cpus", str(self.head_cpus),
-                            *self._node_ports(), *common], "head.log")
+                            *self._node_ports(), *common, "--temp-dir", self.temp_dir], "head.log")
         self._wait_for("the head node", lambda: "Ray runtime started" in self.log("head.log"), head, "head.log")
-        # The worker's temp dir has the same path, but in shared-nothing mode on its own tmpfs.
+        # Each node has a Ray temp dir of its own, as on a cluster. Shared-nothing: the same path on
+        # the worker's own tmpfs. Otherwise a subdir: two nodes in one temp dir share their runtime
+        # resources, and the worker's first unpack of a job's working dir (Ray unpacks with
+        # overwrite) deletes the dir the head's job driver runs in.
+        worker_temp = self.temp_dir if self.shared_nothing else os.path.join(self.temp_dir, "w")
         worker = self._start(["--address", self.address, "--resources", json.dumps({"worker_node": 1}),
-                              "--num-cpus", str(self.worker_cpus), *self._node_ports(), *common], "worker.log",
-                             private=self.shared_nothing)
+                              "--num-cpus", str(self.worker_cpus), *self._node_ports(), *common,
+                              "--temp-dir", worker_temp], "worker.log", private=self.shared_nothing)
         self._wait_for("the second node", lambda: len(self.alive_nodes()) == 2, worker, "worker.log")
         self._wait_for("the job server", self._jobs_api_ready, head, "head.log")
         return self
