@@ -60,6 +60,16 @@ def s3():
 
 
 @pytest.fixture(scope="session")
+def sample_pairs_dir(tmp_path_factory):
+    """The bundled UltraFeedback sample prepared once: a directory holding pairs.parquet (read only)."""
+    from sp2dpo.data.prepare import DataConfig, prepare
+
+    out = tmp_path_factory.mktemp("sample-pairs")
+    prepare(DataConfig(inputs=["ultrafeedback-sample"], out=str(out)), show_progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
 def smollm2_dir():
     from sp2dpo.models import bundled_model_dir
 

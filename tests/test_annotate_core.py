@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from annotation_rows import annotation_table
 
 from sp2dpo.annotate.config import AnnotateConfig, RatingsOptions
 from sp2dpo.annotate.parse import parse_annotation
@@ -166,11 +167,11 @@ def test_prompt_versions_present_both_orders_and_map_back():
 
 
 def _rows(ids, status="ok", teacher="t", version="v1"):
-    return pa.Table.from_pylist([
-        {"pair_id": i, "teacher": teacher, "prompt_version": version, "status": status,
-         "category": None if status == "failed" else "style", "magnitude": None if status == "failed" else 1,
-         "confidence": None if status == "failed" else 0.5, "rationale": None, "repairs": None, "raw_text": "r",
-         "prompt_tokens": 1, "completion_tokens": 1} for i in ids], schema=ANNOTATIONS_SCHEMA)
+    n, ok = len(ids), status != "failed"
+    return annotation_table(pair_id=list(ids), teacher=[teacher] * n, prompt_version=[version] * n, status=[status] * n,
+                            category=[("style" if ok else None)] * n, magnitude=[(1 if ok else None)] * n,
+                            confidence=[(0.5 if ok else None)] * n, raw_text=["r"] * n, prompt_tokens=[1] * n,
+                            completion_tokens=[1] * n)
 
 
 def test_store_done_keys_compaction_and_reader(tmp_path):

@@ -14,7 +14,6 @@ Two servers, both started here as subprocesses (this module is also their entry 
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from s3_server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD = {"category": "factuality", "magnitude": 2, "confidence": 0.9, "rationale": "Response B gets the date wrong."}
@@ -126,16 +126,10 @@ def build_app(mode: str, api_key: str | None = None, slow_s: float = 3.0):
     return app
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start(mode: str, *extra: str):
     import httpx
 
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, __file__, mode, str(port), *extra], env=env, cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

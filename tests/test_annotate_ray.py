@@ -19,16 +19,8 @@ import pytest
 from sp2dpo.annotate import AnnotateConfig, annotate
 from sp2dpo.annotate.schema import ANNOTATIONS_SCHEMA, CATEGORIES
 from sp2dpo.annotate.store import latest_annotations, read_shards, shard_files
-from sp2dpo.data.prepare import DataConfig, prepare
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def pairs_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("pairs")
-    prepare(DataConfig(inputs=["ultrafeedback-sample"], out=str(out)), show_progress=False)
-    return out
 
 
 def _ids(path) -> list[str]:
@@ -41,9 +33,9 @@ def _cli(*args: str, env_extra: dict | None = None, **kw) -> subprocess.Popen | 
                           text=True, env=env, cwd=ROOT, **kw)
 
 
-def test_ratings_resume_skips_done_pairs(ray_local, pairs_dir, tmp_path):
-    ids = _ids(pairs_dir)
-    cfg = AnnotateConfig(pairs=str(pairs_dir), out=str(tmp_path), teacher="ratings", limit=300, shard_rows=64)
+def test_ratings_resume_skips_done_pairs(ray_local, sample_pairs_dir, tmp_path):
+    ids = _ids(sample_pairs_dir)
+    cfg = AnnotateConfig(pairs=str(sample_pairs_dir), out=str(tmp_path), teacher="ratings", limit=300, shard_rows=64)
     first = annotate(cfg, show_progress=False)
     assert (first["annotated"], first["failed"], first["skipped"], first["shards"]) == (300, 0, 0, 5)
     assert first["rows_per_s"] > 0 and first["out"].endswith("ratings/ratings-v1")
@@ -84,14 +76,14 @@ def test_retry_failed_reasks_only_failed_rows(ray_local, tmp_path):
     assert sorted(table["pair_id"].to_pylist()) == sorted(r["pair_id"] for r in rows)
 
 
-def test_kill_9_then_resume_loses_and_duplicates_nothing(ray_local, pairs_dir, tmp_path):
+def test_kill_9_then_resume_loses_and_duplicates_nothing(ray_local, sample_pairs_dir, tmp_path):
     """SIGKILL the CLI driver mid-run on a running Ray cluster, then rerun the same command."""
     out = tmp_path / "ann"
     # The CLI joins this session's local cluster (as `ray job submit` drivers join theirs), so the
     # cluster outlives the killed driver. Paced at 100 rows/s in 50-row blocks and 20-row shards:
     # ~10 s of writing, so the kill lands mid-run once a few shards exist.
     env = {"RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
-    args = ["--pairs", str(pairs_dir), "--teacher", "ratings", "--out", str(out),
+    args = ["--pairs", str(sample_pairs_dir), "--teacher", "ratings", "--out", str(out),
             "--set", "shard_rows=20", "--set", "ratings_batch_size=50", "--set", "max_rows_per_s=100"]
     proc = subprocess.Popen([sys.executable, "-m", "sp2dpo.cli", "annotate", *args, "--json"], cwd=ROOT,
                             env={**os.environ, "HF_HUB_OFFLINE": "1", **env},
@@ -106,7 +98,7 @@ def test_kill_9_then_resume_loses_and_duplicates_nothing(ray_local, pairs_dir, t
         proc.send_signal(signal.SIGKILL)
         proc.communicate()
     before = read_shards(str(out))
-    ids = _ids(pairs_dir)
+    ids = _ids(sample_pairs_dir)
     assert 0 < before.num_rows < len(ids), "the kill did not land mid-run"
 
     done = _cli(*args[:-2], "--set", "max_rows_per_s=100000", env_extra=env)
@@ -121,12 +113,12 @@ def test_kill_9_then_resume_loses_and_duplicates_nothing(ray_local, pairs_dir, t
     assert not [f for f in os.listdir(out / "ratings" / "ratings-v1") if f.startswith(".tmp-")]
 
 
-def test_llm_teacher_actor_pool_keeps_failed_rows_and_coexists(ray_local, pairs_dir, tmp_path, tiny_model_dir):
+def test_llm_teacher_actor_pool_keeps_failed_rows_and_coexists(ray_local, sample_pairs_dir, tmp_path, tiny_model_dir):
     """The transformers teacher through the Ray Data actor pool. The tiny random model writes no
     JSON, so every row is a failed row with its raw text kept; next to a ratings run in one DIR."""
     out = str(tmp_path / "ann")
-    ratings = annotate(AnnotateConfig(pairs=str(pairs_dir), out=out, teacher="ratings", limit=6), show_progress=False)
-    llm = annotate(AnnotateConfig(pairs=str(pairs_dir), out=out, teacher="transformers", model=str(tiny_model_dir),
+    ratings = annotate(AnnotateConfig(pairs=str(sample_pairs_dir), out=out, teacher="ratings", limit=6), show_progress=False)
+    llm = annotate(AnnotateConfig(pairs=str(sample_pairs_dir), out=out, teacher="transformers", model=str(tiny_model_dir),
                                   prompt_version="v1-swapped", limit=6, generation={"max_tokens": 24},
                                   pool={"batch_size": 3, "min_actors": 1, "max_actors": 2}), show_progress=False)
     assert ratings["annotated"] == 6
@@ -143,9 +135,9 @@ def test_llm_teacher_actor_pool_keeps_failed_rows_and_coexists(ray_local, pairs_
     assert read_shards(out, required=True).num_rows == 12 == latest_annotations(out).num_rows
 
 
-def test_teacher_that_cannot_start_is_a_clear_error(ray_local, pairs_dir, tmp_path):
+def test_teacher_that_cannot_start_is_a_clear_error(ray_local, sample_pairs_dir, tmp_path):
     (tmp_path / "broken-model").mkdir()  # exists, but holds no model
-    cfg = AnnotateConfig(pairs=str(pairs_dir), out=str(tmp_path / "ann"), teacher="transformers",
+    cfg = AnnotateConfig(pairs=str(sample_pairs_dir), out=str(tmp_path / "ann"), teacher="transformers",
                          model=str(tmp_path / "broken-model"), limit=2)
     with pytest.raises(ValueError, match="(?s)the transformers:broken-model teacher failed: ValueError: .*rerun the same command"):
         annotate(cfg, show_progress=False)

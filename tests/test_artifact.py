@@ -11,8 +11,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+from annotation_rows import annotation_table
 
-from sp2dpo.data.prepare import DataConfig, prepare
 from sp2dpo.schedule.artifact import (
     ARTIFACT_SCHEMA, ArtifactError, beta_digest, build_artifact, read_artifact, training_pairs, verify_artifact)
 from sp2dpo.schedule.beta import ScheduleConfig
@@ -23,12 +23,11 @@ POLICIES = ScheduleConfig(noise_policy="drop", reversed_policy="flip")
 
 
 @pytest.fixture(scope="module")
-def sample(tmp_path_factory):
+def sample(tmp_path_factory, sample_pairs_dir):
     """The bundled UltraFeedback sample as a pairs table, and 3 synthetic teachers' annotations in
     two shard directories (one teacher's failures included)."""
     root = tmp_path_factory.mktemp("sample")
-    prepare(DataConfig(inputs=["ultrafeedback-sample"], out=str(root / "data")), show_progress=False)
-    pairs_path = str(root / "data" / "pairs.parquet")
+    pairs_path = str(sample_pairs_dir / "pairs.parquet")
     pairs = read_parquet(pairs_path)
     ann = synthetic_annotations(pairs, teachers=3, seed=7, failed_rate=0.05)
     write_parquet(ann.slice(0, 1000), str(root / "ann" / "teacher-a" / "part-0.parquet"))
@@ -147,24 +146,14 @@ def test_pairs_without_annotations_get_beta0(sample, tmp_path):
     assert summary["trained"] == sample["n"]  # none silently dropped
 
 
-def _one_teacher(rows):
-    """Annotations for the first pairs of the sample: (category, magnitude, confidence) each."""
-    from sp2dpo.annotate.schema import ANNOTATIONS_SCHEMA
-
-    cols = {name: [None] * len(rows) for name in ANNOTATIONS_SCHEMA.names}
-    cols.update(teacher=["t"] * len(rows), prompt_version=["v"] * len(rows), status=["ok"] * len(rows),
-                category=[r[0] for r in rows], magnitude=[r[1] for r in rows], confidence=[r[2] for r in rows])
-    return cols
-
-
 def _write_annotations(sample, tmp_path, rows):
-    ids = read_parquet(sample["pairs"])["pair_id"].to_pylist()[:len(rows)]
-    cols = _one_teacher(rows)
-    cols["pair_id"] = ids
-    from sp2dpo.annotate.schema import ANNOTATIONS_SCHEMA
-
+    """One teacher's annotations of the first pairs of the sample: (category, magnitude, confidence) each."""
+    n = len(rows)
+    table = annotation_table(pair_id=read_parquet(sample["pairs"])["pair_id"].to_pylist()[:n], teacher=["t"] * n,
+                             prompt_version=["v"] * n, status=["ok"] * n, category=[r[0] for r in rows],
+                             magnitude=[r[1] for r in rows], confidence=[r[2] for r in rows])
     path = tmp_path / "ann"
-    write_parquet(pa.table(cols, schema=ANNOTATIONS_SCHEMA), str(path / "a.parquet"))
+    write_parquet(table, str(path / "a.parquet"))
     return str(path)
 
 

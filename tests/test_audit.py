@@ -9,7 +9,6 @@ import sys
 import numpy as np
 import pytest
 
-from sp2dpo.data.prepare import DataConfig, prepare
 from sp2dpo.schedule.artifact import build_artifact, read_artifact
 from sp2dpo.schedule.audit import write_audit
 from sp2dpo.schedule.beta import ScheduleConfig
@@ -20,15 +19,14 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory):
+def artifact(tmp_path_factory, sample_pairs_dir):
     root = tmp_path_factory.mktemp("audit")
-    prepare(DataConfig(inputs=["ultrafeedback-sample"], out=str(root / "data")), show_progress=False)
-    pairs = read_parquet(str(root / "data" / "pairs.parquet"))
+    pairs_path = str(sample_pairs_dir / "pairs.parquet")
+    pairs = read_parquet(pairs_path)
     write_parquet(synthetic_annotations(pairs, teachers=2, seed=3, failed_rate=0.05), str(root / "ann" / "a.parquet"))
     path = str(root / "beta.parquet")
-    build_artifact(str(root / "data" / "pairs.parquet"), str(root / "ann"), path,
-                   ScheduleConfig(noise_policy="drop", reversed_policy="flip"))
-    return root, path
+    build_artifact(pairs_path, str(root / "ann"), path, ScheduleConfig(noise_policy="drop", reversed_policy="flip"))
+    return pairs_path, path
 
 
 def test_audit_report_on_the_sample(artifact, tmp_path):
@@ -70,13 +68,13 @@ def test_audit_report_on_the_sample(artifact, tmp_path):
 
 
 def test_audit_cli_and_refusal(artifact, tmp_path):
-    root, path = artifact
+    pairs_path, path = artifact
     res = subprocess.run([sys.executable, "-m", "sp2dpo.cli", "audit", path, "--out", str(tmp_path / "a"), "--json"],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     assert summary["report"].endswith("report.md") and len(summary["plots"]) == 3
     # The pairs table is not an artifact: a clear error, no traceback.
-    res = subprocess.run([sys.executable, "-m", "sp2dpo.cli", "audit", str(root / "data" / "pairs.parquet"),
+    res = subprocess.run([sys.executable, "-m", "sp2dpo.cli", "audit", pairs_path,
                           "--out", str(tmp_path / "b")], capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and "not a β artifact" in res.stderr and "Traceback" not in res.stderr

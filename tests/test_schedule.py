@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from annotation_rows import annotation_table
 from pydantic import ValidationError
 
 from sp2dpo.annotate.schema import ANNOTATIONS_SCHEMA, CATEGORIES, Annotation, annotation_json_schema
@@ -238,14 +239,8 @@ def test_schedule_refuses_bad_inputs():
 
 
 def _ann(rows):
-    cols = {name: [] for name in ANNOTATIONS_SCHEMA.names}
-    for pair_id, teacher, version, category, magnitude, confidence, status in rows:
-        for name, value in zip(("pair_id", "teacher", "prompt_version", "category", "magnitude", "confidence", "status"),
-                               (pair_id, teacher, version, category, magnitude, confidence, status)):
-            cols[name].append(value)
-        for name in ("rationale", "repairs", "raw_text", "prompt_tokens", "completion_tokens"):
-            cols[name].append(None)
-    return pa.table(cols, schema=ANNOTATIONS_SCHEMA)
+    names = ("pair_id", "teacher", "prompt_version", "category", "magnitude", "confidence", "status")
+    return annotation_table(**{name: [row[i] for row in rows] for i, name in enumerate(names)})
 
 
 DISAGREEING = [

@@ -9,11 +9,11 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import socket
 
 import httpx
 import openai
 import pytest
+from s3_server import free_port
 
 from sp2dpo.serve import ModelConfig, ServeConfig, start_server, stop_server
 from sp2dpo.serve.protocol import APIError, parse_request, sampling_options
@@ -23,16 +23,10 @@ TINY_CONTEXT = 256
 MAX_REQUEST_BYTES = 64 * 1024
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(ray_local, tiny_model_dir, smollm2_dir):
     cfg = ServeConfig(
-        port=_free_port(),
+        port=free_port(),
         max_request_bytes=MAX_REQUEST_BYTES,
         models=[
             ModelConfig(id="base", num_cpus=0.5),

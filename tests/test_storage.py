@@ -238,16 +238,16 @@ def test_serve_a_student_saved_on_s3(s3, ray_local, tiny_model_dir):
     import openai
 
     from sp2dpo.serve import ModelConfig, ServeConfig, start_server, stop_server
-    from test_serve import _free_port
+    from s3_server import free_port
 
     uri = s3.new_prefix("student")
     storage.upload_dir(str(tiny_model_dir), uri)
-    missing = ServeConfig(port=_free_port(), models=[ModelConfig(id="x", path=s3.new_prefix("none"))])
+    missing = ServeConfig(port=free_port(), models=[ModelConfig(id="x", path=s3.new_prefix("none"))])
     from sp2dpo.serve.server import check_model_paths
 
     with pytest.raises(FileNotFoundError, match="config.json missing"):
         check_model_paths(missing)
-    url = start_server(ServeConfig(port=_free_port(), access_log=False,
+    url = start_server(ServeConfig(port=free_port(), access_log=False,
                                    models=[ModelConfig(id="student", path=uri, num_cpus=0.5, max_model_len=256)]))
     try:
         reply = openai.OpenAI(base_url=url, api_key="EMPTY", max_retries=0, timeout=120).chat.completions.create(

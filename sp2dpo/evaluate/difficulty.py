@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from sp2dpo.evaluate.lc import sigmoid
 from sp2dpo.evaluate.protocol import BASELINE
 
 ESTIMATE_FILE = "instruction_difficulty_estimate.csv"
@@ -69,10 +70,6 @@ def official_leaderboard() -> Any:
     return pd.read_csv(data_path(LEADERBOARD_FILE), index_col=0)
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return np.exp(-np.logaddexp(0, -x))
-
-
 def leaderboard_prior(exclude: Iterable[str] = ()) -> tuple[np.ndarray, float]:
     """Distribution of difficulty on GRID implied by the leaderboard; returns (probabilities, max
     LC error in points when predicting every leaderboard model from its official weights)."""
@@ -80,7 +77,7 @@ def leaderboard_prior(exclude: Iterable[str] = ()) -> tuple[np.ndarray, float]:
 
     j = official_leaderboard().join(official_weights(), how="inner")
     j = j[~j.index.isin([BASELINE, *exclude])]
-    a = _sigmoid(j["theta"].to_numpy()[:, None] + j["psi"].to_numpy()[:, None] * GRID[None, :])
+    a = sigmoid(j["theta"].to_numpy()[:, None] + j["psi"].to_numpy()[:, None] * GRID[None, :])
     b = j["length_controlled_winrate"].to_numpy() / 100
     curvature = np.diff(np.eye(len(GRID)), 2, axis=0)
     # A heavily weighted row makes the probabilities sum to one inside plain NNLS.
@@ -95,7 +92,7 @@ def leaderboard_prior(exclude: Iterable[str] = ()) -> tuple[np.ndarray, float]:
 def lc_from_official_weights(difficulty_values: np.ndarray) -> Any:
     """LC win rate every leaderboard model would get from its official weights and these values."""
     j = official_leaderboard().join(official_weights(), how="inner")
-    pred = _sigmoid(j["theta"].to_numpy()[:, None] + j["psi"].to_numpy()[:, None] * np.asarray(difficulty_values)[None, :])
+    pred = sigmoid(j["theta"].to_numpy()[:, None] + j["psi"].to_numpy()[:, None] * np.asarray(difficulty_values)[None, :])
     out = j[["length_controlled_winrate"]].copy()
     out["predicted"] = pred.mean(axis=1) * 100
     return out
@@ -130,7 +127,7 @@ def posterior_mean(annotations: dict[str, list[dict]], eval_instructions: list[s
         pref, tanh_len = model_features(rows)
         ok = ~np.isnan(pref)
         logit = w["theta"] + w["phi"] * tanh_len[ok, None] + w["psi"] * GRID[None, :]
-        ll = pref[ok, None] * np.log(_sigmoid(logit)) + (1 - pref[ok, None]) * np.log(_sigmoid(-logit))
+        ll = pref[ok, None] * np.log(sigmoid(logit)) + (1 - pref[ok, None]) * np.log(sigmoid(-logit))
         idx = np.array([position[r["instruction"]] for r, keep in zip(rows, ok) if keep])
         np.add.at(log_lik, idx, ll)
     log_post = log_lik + np.log(pi + 1e-300)
@@ -151,7 +148,7 @@ def calibrate(values: np.ndarray, exclude: Iterable[str] = ()) -> tuple[np.ndarr
     target = j["length_controlled_winrate"].to_numpy()
 
     def residual(ab: np.ndarray) -> np.ndarray:
-        return _sigmoid(theta + psi * (ab[0] * values[None, :] + ab[1])).mean(axis=1) * 100 - target
+        return sigmoid(theta + psi * (ab[0] * values[None, :] + ab[1])).mean(axis=1) * 100 - target
 
     fit = least_squares(residual, [1.0, 0.0])
     return fit.x[0] * values + fit.x[1], float(np.abs(fit.fun).max())
@@ -197,7 +194,7 @@ def synthetic_gamed(difficulty_values: np.ndarray, reference_lengths: np.ndarray
         delta = ref - gamed_len
         std_delta_len = delta / delta.std(ddof=1)
         w = weights.loc[name]
-        pref = _sigmoid(w["theta"] + w["phi"] * np.tanh(std_delta_len) + w["psi"] * difficulty_values)
+        pref = sigmoid(w["theta"] + w["phi"] * np.tanh(std_delta_len) + w["psi"] * difficulty_values)
         parts.append(pd.DataFrame({"index": np.arange(len(ref)), "model": name, "std_delta_len": std_delta_len,
                                    "instruction_difficulty": difficulty_values, "preference": pref}))
     return pd.concat(parts, ignore_index=True)

@@ -40,7 +40,8 @@ def glm_info(glm: str) -> dict[str, Any]:
     return GLM_INFO[glm]
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    """1 / (1 + e^-x) without overflow for large |x|."""
     return np.exp(-np.logaddexp(0, -x))
 
 
@@ -114,7 +115,7 @@ def length_controlled_winrate(
     weights = dict(zip(names, (float(w) for w in beta)))
     x_test = rows.iloc[n_reg:][names].to_numpy(float).copy()
     x_test[:, names.index(COLUMNS[0])] = 0.0  # the counterfactual: no length difference
-    predicted = _sigmoid(x_test @ beta)
+    predicted = sigmoid(x_test @ beta)
     out = {
         "lc_win_rate": float(predicted.mean() * 100),
         "lc_standard_error": float(predicted.std(ddof=1) / np.sqrt(len(predicted)) * 100) if len(predicted) > 1 else float("nan"),
@@ -139,13 +140,13 @@ def _contributions(x: np.ndarray, y: np.ndarray, weight: np.ndarray, keep: np.nd
     c_i = sigmoid(x0_i b) + n grad(LC) . H^-1 (s_i - mean s). Coefficients the L1 fit set to zero
     stay zero (the active set is kept). Resampling instructions then costs no refit.
     """
-    p_test = _sigmoid(x_test @ beta)
+    p_test = sigmoid(x_test @ beta)
     n = len(x_test)
     active = np.abs(beta) > 0
     if not active.any():
         return p_test
     xa = x[:, active]
-    p = _sigmoid(x @ beta)
+    p = sigmoid(x @ beta)
     ok = keep.astype(float)
     hessian = (xa * (weight * ok * p * (1 - p))[:, None]).T @ xa
     score = xa * (weight * ok * np.nan_to_num(y - p))[:, None]

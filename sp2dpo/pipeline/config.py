@@ -12,14 +12,12 @@ trained once per seed (see sp2dpo/pipeline/grid.py).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
 from sp2dpo.config import StageConfig
-
-Control = Literal["semantic", "global", "shuffled"]
-CONTROLS: tuple[str, ...] = ("semantic", "global", "shuffled")
+from sp2dpo.schedule.config import CONTROLS, Control
 
 
 class Student(StageConfig):

@@ -27,7 +27,7 @@ import hashlib
 import json
 import time
 import warnings
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -36,13 +36,12 @@ import pyarrow.compute as pc
 from sp2dpo import __version__
 from sp2dpo.annotate.store import read_shards
 from sp2dpo.schedule.beta import UNANNOTATED, Schedule, ScheduleConfig, schedule_beta
+from sp2dpo.schedule.config import CONTROLS, Control
 from sp2dpo.schedule.consensus import CONSENSUS_INPUTS, consensus
 from sp2dpo.storage import read_parquet, read_sp2dpo_metadata, write_parquet
 from sp2dpo.utils import progress_bar
 
 ARTIFACT_VERSION = "1"
-CONTROLS = ("semantic", "global", "shuffled")
-Control = Literal["semantic", "global", "shuffled"]
 
 ARTIFACT_SCHEMA = pa.schema(
     [
