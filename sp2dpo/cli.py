@@ -35,6 +35,56 @@ app = typer.Typer(
 for stage in (data_cli, annotate_cli, schedule_cli, train_cli, serve_cli, evaluate_cli, pipeline_cli):
     stage.register(app)
 
+# The config class behind each command: its `--help` ends with the class's settings, rendered from
+# their Field descriptions (sp2dpo.config_docs), the same text as the option tables in docs/.
+CONFIG_OF_COMMAND = {
+    "data prepare": "sp2dpo.data.prepare:DataConfig",
+    "annotate": "sp2dpo.annotate.config:AnnotateConfig",
+    "schedule": "sp2dpo.schedule.beta:ScheduleConfig",
+    "train": "sp2dpo.train.config:TrainConfig",
+    "train reference": "sp2dpo.train.reference:ReferenceConfig",
+    "serve": "sp2dpo.serve.config:ServeConfig",
+    **{f"evaluate {sub}": "sp2dpo.evaluate.config:EvaluateConfig" for sub in ("generate", "judge", "score", "compare")},
+    "pipeline": "sp2dpo.pipeline.config:PipelineConfig",
+    "demo": "sp2dpo.pipeline.config:PipelineConfig",
+}
+
+
+def _with_config_help(config_path: str, base: type) -> type:
+    """A typer command (or group) class whose help ends with the settings of `config_path`,
+    imported only when the help is shown (so `sp2dpo <cmd>` itself stays fast)."""
+
+    class ConfiguredCommand(base):
+        @property
+        def epilog(self) -> str:
+            from sp2dpo.config_docs import options_help
+            from sp2dpo.pipeline.runner import load_object
+
+            return options_help(load_object(config_path))
+
+        @epilog.setter
+        def epilog(self, value: str | None) -> None:  # click's __init__ assigns it; ours wins
+            pass
+
+    return ConfiguredCommand
+
+
+def _attach_config_help(typer_app: typer.Typer, prefix: str = "") -> None:
+    from typer.core import TyperCommand, TyperGroup
+
+    for info in typer_app.registered_commands:
+        name = f"{prefix}{info.name or info.callback.__name__}"
+        if name in CONFIG_OF_COMMAND:
+            info.cls = _with_config_help(CONFIG_OF_COMMAND[name], TyperCommand)
+    for group in typer_app.registered_groups:
+        name = f"{prefix}{group.name}"
+        if name in CONFIG_OF_COMMAND:  # a group that is a command too (`sp2dpo train`)
+            group.cls = _with_config_help(CONFIG_OF_COMMAND[name], TyperGroup)
+        _attach_config_help(group.typer_instance, f"{name} ")
+
+
+_attach_config_help(app)
+
 
 def _version(value: bool) -> None:
     if value:

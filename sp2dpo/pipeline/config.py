@@ -23,44 +23,52 @@ from sp2dpo.schedule.config import CONTROLS, Control
 class Student(StageConfig):
     """One backbone of the grid: its own reference log-probs, arms and served models."""
 
-    # Names stage dirs and served model ids: letters, digits, `-`, `_`, `.`.
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)
-    # A local HF dir, an object-store URI, a bundled name (smollm2, tiny-llama) or a hub id.
-    model: str
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64,
+                      description="Names the student's stage dirs and served model ids: letters, digits, `-`, `_`, `.`.")
+    model: str = Field(description="A local HF dir, an object-store URI, a bundled name (smollm2, tiny-llama) or a "
+                                   "hub id.")
+
+
+def _section(stage: str) -> Any:
+    return Field(default_factory=dict, description=f"The `{stage}` stage's config section (validated by that stage's "
+                                                   "config class; paths in it are set by the pipeline).")
 
 
 class PipelineConfig(StageConfig):
     """`sp2dpo pipeline` settings."""
 
-    # Local dir or s3:// / gs:// URI; on a multi-node cluster it must be storage every node reaches.
-    run_dir: str = "runs/pipeline"
-    # One student per control: semantic beta_i, the tuned global beta, and beta_i shuffled across pairs.
-    controls: list[Control] = Field(default_factory=lambda: list(CONTROLS), min_length=1)
-    # Stop after this stage (e.g. `annotate` to inspect annotations before training).
-    until: str | None = None
-    # Rerun these stages even if complete (their dependents re-run only if their own key changed).
-    force: list[str] = Field(default_factory=list)
-    # Teachers run into the same annotation dir, each a partial `annotate` section merged over
-    # the base one (e.g. [{teacher: ratings}, {teacher: vllm}]); empty = the base section alone.
-    teachers: list[dict[str, Any]] = Field(default_factory=list)
-    # Evaluate the untuned base model too (the `base` row of the comparison).
-    evaluate_base: bool = True
-    # Served as `judge` when evaluate.judge_endpoint is empty (None = bundled SmolLM2-135M-Instruct).
-    judge_model: str | None = None
-    # The experiment grid (empty = one student, train.model): each student's arms share its
-    # reference log-probs; the semantic and shuffled artifacts are shared by every student.
-    students: list[Student] = Field(default_factory=list)
-    # The global-β sweep of the grid; per student the best by LC win rate is `tuned_global`.
-    global_betas: list[float] = Field(default_factory=lambda: [0.01, 0.05, 0.1], min_length=1)
-    # Training seeds of the grid: each trained arm once per seed (train.seed in the single layout).
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
-    data: dict[str, Any] = Field(default_factory=dict)
-    annotate: dict[str, Any] = Field(default_factory=dict)
-    schedule: dict[str, Any] = Field(default_factory=dict)
-    reference: dict[str, Any] = Field(default_factory=dict)
-    train: dict[str, Any] = Field(default_factory=dict)
-    serve: dict[str, Any] = Field(default_factory=dict)
-    evaluate: dict[str, Any] = Field(default_factory=dict)
+    run_dir: str = Field("runs/pipeline", description="Local dir or s3:// / gs:// URI; on a multi-node cluster it "
+                                                      "must be storage every node reaches.")
+    controls: list[Control] = Field(default_factory=lambda: list(CONTROLS), min_length=1,
+                                    description="The β artifacts trained: semantic β_i, one global β, β_i shuffled "
+                                                "across pairs.")
+    until: str | None = Field(None, description="Stop after this stage (e.g. `annotate` to inspect annotations "
+                                                "before training).")
+    force: list[str] = Field(default_factory=list, description="Rerun these stages even if complete (their "
+                                                               "dependents rerun only if their own key changed).")
+    teachers: list[dict[str, Any]] = Field(
+        default_factory=list, description="Teachers run into the same annotation dir, each a partial `annotate` "
+        "section merged over the base one (e.g. [{teacher: ratings}, {teacher: vllm}]); empty = the base section.")
+    evaluate_base: bool = Field(True, description="Evaluate the untuned base model too (the `base` row of the "
+                                                  "comparison).")
+    judge_model: str | None = Field(None, description="Served as `judge` when evaluate.judge_endpoint is empty "
+                                                      "(None = the bundled SmolLM2-135M-Instruct).")
+    students: list[Student] = Field(
+        default_factory=list, description="The experiment grid (empty = one student, train.model): each student's "
+        "arms share its reference log-probs; the semantic and shuffled artifacts are shared by every student.")
+    global_betas: list[float] = Field(default_factory=lambda: [0.01, 0.05, 0.1], min_length=1,
+                                      description="The grid's global-β sweep; per student the best by LC win rate "
+                                                  "is `tuned_global`.")
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1,
+                             description="Training seeds of the grid: each trained arm once per seed (train.seed in "
+                                         "the single-student layout).")
+    data: dict[str, Any] = _section("data")
+    annotate: dict[str, Any] = _section("annotate")
+    schedule: dict[str, Any] = _section("schedule")
+    reference: dict[str, Any] = _section("reference")
+    train: dict[str, Any] = _section("train")
+    serve: dict[str, Any] = _section("serve")
+    evaluate: dict[str, Any] = _section("evaluate")
 
     @field_validator("global_betas")
     @classmethod
