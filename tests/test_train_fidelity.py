@@ -24,7 +24,7 @@ def sample(tmp_path_factory):
 
 
 def _cfg(model, pairs, artifact, out, **kw):
-    from sp2dpo.train.trainer import TrainConfig
+    from sp2dpo.train.config import TrainConfig
 
     base = {"artifact": artifact, "pairs": pairs, "model": str(model), "output_dir": str(out), "strategy": "torch",
             "max_length": 256, "micro_batch_size": 2, "compute_reference": False}
@@ -264,7 +264,7 @@ def test_lr_schedule_equals_transformers_and_trl(sample, tiny_model_dir, tmp_pat
 def test_schedule_settings_that_would_be_ignored_are_refused():
     from pydantic import ValidationError
 
-    from sp2dpo.train.trainer import TrainConfig
+    from sp2dpo.train.config import TrainConfig
 
     with pytest.raises(ValidationError, match="warmup_steps or warmup_ratio"):
         TrainConfig(warmup_steps=10, warmup_ratio=0.1)
@@ -279,7 +279,7 @@ def test_schedule_settings_that_would_be_ignored_are_refused():
 def test_label_smoothing_only_where_trl_applies_it():
     from pydantic import ValidationError
 
-    from sp2dpo.train.trainer import TrainConfig
+    from sp2dpo.train.config import TrainConfig
 
     for loss in ("sigmoid", "hinge", "ipo"):
         with pytest.raises(ValidationError, match="loss_type=robust"):

@@ -24,7 +24,7 @@ def sample_with_ref(tmp_path_factory, tiny_model_dir):
 
 
 def _cfg(tiny_model_dir, pairs, artifact, out, **kw):
-    from sp2dpo.train.trainer import TrainConfig
+    from sp2dpo.train.config import TrainConfig
 
     base = dict(artifact=artifact, pairs=pairs, model=str(tiny_model_dir), output_dir=str(out), strategy="torch",
                 max_length=256, learning_rate=2e-3, micro_batch_size=2, checkpoint_every=4, compute_reference=False)
@@ -109,7 +109,7 @@ def test_train_refuses_foreign_reference_and_uncovered_pairs(sample_with_ref, ti
 def test_config_refuses_bf16_on_cpu():
     from pydantic import ValidationError
 
-    from sp2dpo.train.trainer import TrainConfig
+    from sp2dpo.train.config import TrainConfig
 
     with pytest.raises(ValidationError, match="use_gpu"):
         TrainConfig(dtype="bfloat16")
@@ -187,7 +187,7 @@ def test_optimizer_in_backward_resumes_from_its_checkpoint(sample_with_ref, tiny
 def test_optimizer_in_backward_refuses_what_needs_every_gradient(setting, needs):
     from pydantic import ValidationError
 
-    from sp2dpo.train.trainer import TrainConfig
+    from sp2dpo.train.config import TrainConfig
 
     ok = {"strategy": "torch", "max_grad_norm": 0.0}
     assert TrainConfig(optimizer_in_backward=True, **ok).optimizer_in_backward
@@ -197,7 +197,7 @@ def test_optimizer_in_backward_refuses_what_needs_every_gradient(setting, needs)
 
 def test_deepspeed_config_from_yaml_values():
     from sp2dpo.train.strategy import deepspeed_config
-    from sp2dpo.train.trainer import TrainConfig
+    from sp2dpo.train.config import TrainConfig
 
     cfg = TrainConfig(zero_stage=3, micro_batch_size=4, gradient_accumulation_steps=2,
                       deepspeed_config={"zero_optimization": {"offload_optimizer": {"device": "cpu"}}})
@@ -245,7 +245,7 @@ def _reduce_in_group(rank: int, world: int, backend: str, simulate_nccl: bool, i
     every all_reduce recorded (and, when `simulate_nccl`, checked the way NCCL checks it)."""
     import torch.distributed as dist
 
-    from sp2dpo.train.trainer import MetricSums
+    from sp2dpo.train.metrics import MetricSums
 
     if backend == "nccl":
         torch.cuda.set_device(0)
