@@ -50,7 +50,7 @@ HERE = Path(__file__).resolve()
 def make_input(n: int, path: str) -> None:
     """`n` distinct UltraFeedback rows as JSONL: the bundled sample's valid rows, copies made unique."""
     from sp2dpo.data.bundled import bundled_path
-    from sp2dpo.data.prepare import normalize_record
+    from sp2dpo.data.validate import normalize_record
 
     valid = []
     for line in bundled_path("ultrafeedback-sample").read_text().splitlines():

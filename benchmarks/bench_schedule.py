@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from sp2dpo.annotate.store import read_shards
 from sp2dpo.data.bundled import bundled_path
-from sp2dpo.data.prepare import normalize_record
+from sp2dpo.data.validate import normalize_record
 from sp2dpo.data.schema import PAIRS_SCHEMA
 from sp2dpo.schedule.artifact import build_artifact
 from sp2dpo.schedule.beta import ScheduleConfig

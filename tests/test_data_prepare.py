@@ -9,7 +9,9 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 
-from sp2dpo.data.prepare import DataConfig, normalize_record, pair_id_of, prepare
+from sp2dpo.data.prepare import DataConfig, prepare
+from sp2dpo.data.schema import pair_id_of
+from sp2dpo.data.validate import normalize_record
 
 GOOD = {"prompt": "What is 2+2?", "chosen": "4", "rejected": "5", "metadata": {"score_chosen": 9.0, "score_rejected": 2.0}}
 
@@ -137,14 +139,14 @@ def test_ray_engine_matches_local(tmp_path, ray_local):
     lines = [json.dumps({**GOOD, "prompt": f"q{i}"}).encode() for i in range(50)] + [b"{broken"]
     path = _write_lines(tmp_path / "in.jsonl", lines)
     local = _run(tmp_path / "l", [path], engine="local")
-    import sp2dpo.data.prepare as prep
+    import sp2dpo.data.readers as readers
 
-    old = prep.JSONL_CHUNK_BYTES
-    prep.JSONL_CHUNK_BYTES = 256  # many tasks → many Ray Data blocks
+    old = readers.JSONL_CHUNK_BYTES
+    readers.JSONL_CHUNK_BYTES = 256  # many tasks → many Ray Data blocks
     try:
         distributed = _run(tmp_path / "r", [path], engine="ray")
     finally:
-        prep.JSONL_CHUNK_BYTES = old
+        readers.JSONL_CHUNK_BYTES = old
     assert distributed[0]["engine"] == "ray"
     assert distributed[1] == local[1]
     assert distributed[2] == local[2]

@@ -1,4 +1,9 @@
-"""Fixed Parquet schemas of the tables the data stage writes (see DESIGN.md)."""
+"""Fixed Parquet schemas of the tables the data stage writes (see DESIGN.md), and the pair id."""
+
+from __future__ import annotations
+
+import hashlib
+import json
 
 import pyarrow as pa
 
@@ -29,3 +34,12 @@ QUARANTINE_SCHEMA = pa.schema(
         pa.field("reason", pa.string(), nullable=False),  # human-readable
     ]
 )
+
+
+def pair_id_of(prompt: str | list[dict[str, str]], chosen: str, rejected: str) -> str:
+    """Stable content hash: the same triple gets the same id on any machine, any run."""
+    canonical = json.dumps(
+        {"prompt": prompt, "chosen": chosen, "rejected": rejected},
+        sort_keys=True, ensure_ascii=False, separators=(",", ":"),
+    )
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:32]

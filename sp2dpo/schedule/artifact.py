@@ -240,7 +240,7 @@ def _examples(values: list, limit: int = 3) -> str:
 
 
 def _pair_content_ids(pairs: pa.Table) -> list[str]:
-    from sp2dpo.data.prepare import pair_id_of
+    from sp2dpo.data.schema import pair_id_of
 
     messages = pairs["prompt_messages"].to_pylist() if "prompt_messages" in pairs.column_names else [None] * pairs.num_rows
     return [pair_id_of(json.loads(m) if m is not None else p, c, r)
