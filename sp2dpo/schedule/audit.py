@@ -5,6 +5,9 @@
 Writes OUT/report.md (provenance, counts, β statistics per category, agreement, flipped and
 dropped pairs, the schedule config) and three PNG plots: the β histogram, the β histogram by
 category, and the category × magnitude heat map (pair counts, with the mean β in each cell).
+
+`audit_stats` computes every number of the report into a dict (testable on its own);
+`render_report` turns that dict into Markdown; `write_audit` writes both, and the plots.
 """
 
 from __future__ import annotations
@@ -143,7 +146,8 @@ def plot_heatmap(col: dict[str, np.ndarray], categories: list[str]) -> bytes:
     for i in range(len(rows)):
         for j in range(len(levels)):
             if counts[i, j]:
-                text = f"{counts[i, j]}\nβ={mean_beta[i, j]:.3f}" if np.isfinite(mean_beta[i, j]) else f"{counts[i, j]}\ndropped"
+                cell = f"β={mean_beta[i, j]:.3f}" if np.isfinite(mean_beta[i, j]) else "dropped"
+                text = f"{counts[i, j]}\n{cell}"
                 ax.text(j, i, text, ha="center", va="center", fontsize=7,
                         color="white" if counts[i, j] > threshold else "black")
     ax.set_xticks(range(len(levels)), [f"{level:g}" for level in levels])
@@ -165,16 +169,186 @@ def _config_yaml(cfg: dict) -> str:
         return yaml.safe_dump(cfg, sort_keys=False).rstrip()
 
 
-def _pair_list(col: dict[str, np.ndarray], mask: np.ndarray) -> list[str]:
+# ----------------------------------------------------------------------------- statistics
+
+
+def _finite_mean(values: np.ndarray) -> float | None:
+    return float(np.nanmean(values)) if np.isfinite(values).any() else None
+
+
+def _number(x: Any) -> Any:
+    """NaN → None, numpy scalars → Python numbers: the statistics dict holds plain values."""
+    if isinstance(x, np.generic):
+        x = x.item()
+    return None if isinstance(x, float) and not np.isfinite(x) else x
+
+
+def _pairs(col: dict[str, np.ndarray], mask: np.ndarray) -> dict[str, Any]:
+    """How many pairs `mask` selects, and the first LISTED_PAIRS of them in full."""
     rows = np.flatnonzero(mask)
-    lines = ["| pair_id | category | magnitude | confidence | agreement | annotations | β |", "|---|---|---|---|---|---|---|"]
-    for i in rows[:LISTED_PAIRS]:
-        lines.append(f"| `{col['pair_id'][i]}` | {col['category'][i]} | {_fmt(col['magnitude'][i])} | "
-                     f"{_fmt(col['confidence'][i], 3)} | {_fmt(col['agreement'][i], 3)} | {col['n_annotations'][i]} | "
-                     f"{_fmt(col['beta'][i])} |")
-    if len(rows) > LISTED_PAIRS:
-        lines.append(f"\n({len(rows) - LISTED_PAIRS:,} more not listed; filter the artifact on this flag for all.)")
+    names = ("pair_id", "category", "magnitude", "confidence", "agreement", "n_annotations", "beta")
+    listed = [{name: _number(col[name][i]) for name in names} for i in rows[:LISTED_PAIRS]]
+    return {"count": len(rows), "listed": listed}
+
+
+def _category_stats(col: dict[str, np.ndarray], category: str) -> dict[str, Any]:
+    mask = col["category"] == category
+    trained = mask & ~col["dropped"]
+    return {
+        "pairs": int(mask.sum()),
+        "share": float(mask.mean()),
+        "dropped": int((mask & col["dropped"]).sum()),
+        "flipped": int((mask & col["flipped"]).sum()),
+        "beta": _stats(col["beta"][trained]),
+        "beta_semantic_mean": _stats(col["beta_semantic"][trained])["mean"],
+        "magnitude_mean": _finite_mean(col["magnitude"][mask]),
+        "confidence_mean": _finite_mean(col["confidence"][mask]),
+        "agreement_mean": _finite_mean(col["agreement"][mask]),
+    }
+
+
+def _agreement_stats(col: dict[str, np.ndarray]) -> dict[str, Any]:
+    agreement = col["agreement"][np.isfinite(col["agreement"])]
+    n_ann = col["n_annotations"]
+    bins = [("unanimous (1.0)", agreement >= 1.0), ("≥ 2/3", (agreement >= 2 / 3 - 1e-9) & (agreement < 1.0)),
+            ("≥ 1/2", (agreement >= 0.5) & (agreement < 2 / 3 - 1e-9)), ("< 1/2", agreement < 0.5)]
+    return {
+        "valid_annotations": int(n_ann.sum()),
+        "failed_annotations": int(col["n_failed"].sum()),
+        "mean": float(agreement.mean()) if len(agreement) else None,
+        "annotated_pairs": len(agreement),
+        "bins": {label: int(mask.sum()) for label, mask in bins},
+        "annotations_per_pair": {int(k): int(v) for k, v in zip(*np.unique(n_ann, return_counts=True))},
+    }
+
+
+def audit_stats(table: pa.Table, meta: dict[str, Any]) -> dict[str, Any]:
+    """Every number the report shows, from the artifact table and its metadata."""
+    col = _columns(table)
+    trained = ~col["dropped"]
+    present = [c for c in ALL_CATEGORIES if (col["category"] == c).any()]
+    return {
+        "control": meta.get("control", "?"),
+        "pairs": table.num_rows,
+        "trained": int(trained.sum()),
+        "dropped": int(col["dropped"].sum()),
+        "flipped": int(col["flipped"].sum()),
+        "unannotated": int((col["category"] == "unannotated").sum()),
+        "beta": _stats(col["beta"][trained]),
+        "rescale_factor": meta.get("beta_stats", {}).get("rescale_factor"),
+        "per_category": {c: _category_stats(col, c) for c in present},
+        "agreement": _agreement_stats(col),
+        "flipped_pairs": _pairs(col, col["flipped"]),
+        "dropped_pairs": _pairs(col, col["dropped"]),
+    }
+
+
+# ----------------------------------------------------------------------------- rendering
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    """A Markdown table's lines; cells are printed as given."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(str(cell) for cell in row) + " |" for row in rows)]
+
+
+def _pair_list(pairs: dict[str, Any]) -> list[str]:
+    if not pairs["count"]:
+        return ["None."]
+    header = ["pair_id", "category", "magnitude", "confidence", "agreement", "annotations", "β"]
+    rows = [[f"`{r['pair_id']}`", r["category"], _fmt(r["magnitude"]), _fmt(r["confidence"], 3),
+             _fmt(r["agreement"], 3), r["n_annotations"], _fmt(r["beta"])] for r in pairs["listed"]]
+    lines = _table(header, rows)
+    if pairs["count"] > LISTED_PAIRS:
+        more = pairs["count"] - LISTED_PAIRS
+        lines.append(f"\n({more:,} more not listed; filter the artifact on this flag for all.)")
     return lines
+
+
+def _overview(stats: dict[str, Any], meta: dict[str, Any], cfg: dict, artifact_path: str) -> list[str]:
+    control, beta = stats["control"], stats["beta"]
+    shuffled = f" (shuffle seed {meta.get('shuffle_seed')})" if control == "shuffled" else ""
+    rescaled = ", mean-rescaled" if cfg.get("rescale_mean") else ""
+    return [
+        "# β artifact audit",
+        "",
+        f"- artifact: `{artifact_path}`",
+        f"- control: **{control}**{shuffled}",
+        f"- schedule hash: `{meta.get('schedule_hash')}` · artifact version {meta.get('artifact_version')} · "
+        f"sp2dpo {meta.get('library_version')}",
+        f"- pairs: {stats['pairs']:,} · trained: {stats['trained']:,} · dropped: {stats['dropped']:,} · "
+        f"flipped: {stats['flipped']:,} · unannotated: {stats['unannotated']:,}",
+        f"- β over trained pairs: mean {_fmt(beta['mean'])} (β₀ = {cfg['beta0']:g}{rescaled}), "
+        f"std {_fmt(beta['std'])}, min {_fmt(beta['min'])}, median {_fmt(beta['median'])}, "
+        f"max {_fmt(beta['max'])}; rescale factor {_fmt(stats['rescale_factor'])}",
+        f"- β column sha256: `{meta.get('beta_digest')}` · pair-id digest: `{meta.get('pair_ids_digest')}`",
+    ]
+
+
+def _by_category(stats: dict[str, Any]) -> list[str]:
+    header = ["category", "pairs", "share", "dropped", "flipped", "β mean", "β std", "β min", "β median", "β max",
+              "semantic β mean", "magnitude mean", "confidence mean", "agreement mean"]
+    rows = [[c, f"{s['pairs']:,}", f"{s['share']:.1%}", f"{s['dropped']:,}", f"{s['flipped']:,}",
+             *(_fmt(s["beta"][k]) for k in ("mean", "std", "min", "median", "max")), _fmt(s["beta_semantic_mean"]),
+             _fmt(s["magnitude_mean"], 3), _fmt(s["confidence_mean"], 3), _fmt(s["agreement_mean"], 3)]
+            for c, s in stats["per_category"].items()]
+    return [
+        "## β by category",
+        "",
+        "β statistics over the trained pairs of each consensus category; *semantic β mean* is the schedule's "
+        "value before any control (equal to *β mean* under `--control semantic`).",
+        "",
+        *_table(header, rows),
+    ]
+
+
+def _agreement(stats: dict[str, Any]) -> list[str]:
+    a = stats["agreement"]
+    return [
+        "## Agreement",
+        "",
+        f"Consensus over {a['valid_annotations']:,} valid annotations ({a['failed_annotations']:,} failed, counted "
+        f"but not voted). Mean agreement {_fmt(a['mean'], 3)} over {a['annotated_pairs']:,} annotated pairs; a "
+        "pair's confidence is its voters' mean confidence × agreement.",
+        "",
+        *_table(["agreement", "pairs"], [[label, f"{n:,}"] for label, n in a["bins"].items()]),
+        "",
+        *_table(["valid annotations per pair", "pairs"], [[k, f"{n:,}"] for k, n in a["annotations_per_pair"].items()]),
+    ]
+
+
+def _provenance(meta: dict[str, Any]) -> list[str]:
+    prov = meta.get("provenance", {})
+    return [
+        "## Annotation provenance",
+        "",
+        f"- annotations: `{prov.get('annotations')}` · pairs: `{prov.get('pairs')}`",
+        f"- rows read: {prov.get('annotation_rows')} · by status: {prov.get('status_counts')} · "
+        f"duplicates ignored: {prov.get('duplicate_rows')} · "
+        f"rows for pairs not in the table: {prov.get('orphan_rows')}",
+        f"- teachers (rows): {prov.get('teachers')}",
+        f"- prompt versions (rows): {prov.get('prompt_versions')}",
+    ]
+
+
+def render_report(stats: dict[str, Any], meta: dict[str, Any], cfg: dict, artifact_path: str) -> str:
+    """The Markdown report of `audit_stats(...)`; the plots are referenced by their file names."""
+    flipped, dropped = stats["flipped_pairs"], stats["dropped_pairs"]
+    sections = [
+        _overview(stats, meta, cfg, artifact_path),
+        _by_category(stats),
+        _agreement(stats),
+        _provenance(meta),
+        [f"## Flipped pairs ({flipped['count']:,})", "",
+         "Chosen and rejected are swapped at training (the consensus says the rejected answer is better).", "",
+         *_pair_list(flipped)],
+        [f"## Dropped pairs ({dropped['count']:,})", "",
+         "Excluded from training by the noise / reversed / unannotated policy.", "", *_pair_list(dropped)],
+        ["## Plots", "", "![β histogram](beta_hist.png)", "", "![β by category](beta_by_category.png)", "",
+         "![category × magnitude](category_magnitude_heatmap.png)"],
+        ["## Schedule config", "", "```yaml", _config_yaml(cfg), "```"],
+    ]
+    return "\n\n".join("\n".join(lines) for lines in sections) + "\n"
 
 
 def write_audit(artifact_path: str, out_dir: str, show_progress: bool = False) -> dict[str, Any]:
@@ -184,14 +358,14 @@ def write_audit(artifact_path: str, out_dir: str, show_progress: bool = False) -
         cfg = meta.get("schedule_config")
         if not cfg:
             raise ValueError(f"{artifact_path}: no schedule_config in the metadata; not written by `sp2dpo schedule`")
+        stats = audit_stats(table, meta)
         col = _columns(table)
-        control = meta.get("control", "?")
-        present = [c for c in ALL_CATEGORIES if (col["category"] == c).any()]
+        present = list(stats["per_category"])
         makedirs(out_dir)
         bar.update()
 
         plots = {
-            "beta_hist.png": plot_beta_hist(col, cfg, control),
+            "beta_hist.png": plot_beta_hist(col, cfg, stats["control"]),
             "beta_by_category.png": plot_beta_by_category(col, cfg, present),
             "category_magnitude_heatmap.png": plot_heatmap(col, present),
         }
@@ -199,115 +373,17 @@ def write_audit(artifact_path: str, out_dir: str, show_progress: bool = False) -
             write_bytes(join_uri(out_dir, name), data)
             bar.update()
 
-        n = table.num_rows
-        trained = ~col["dropped"]
-        overall = _stats(col["beta"][trained])
-        prov = meta.get("provenance", {})
-        lines = [
-            "# β artifact audit",
-            "",
-            f"- artifact: `{artifact_path}`",
-            f"- control: **{control}**" + (f" (shuffle seed {meta.get('shuffle_seed')})" if control == "shuffled" else ""),
-            f"- schedule hash: `{meta.get('schedule_hash')}` · artifact version {meta.get('artifact_version')} · "
-            f"sp2dpo {meta.get('library_version')}",
-            f"- pairs: {n:,} · trained: {int(trained.sum()):,} · dropped: {int(col['dropped'].sum()):,} · "
-            f"flipped: {int(col['flipped'].sum()):,} · unannotated: {int((col['category'] == 'unannotated').sum()):,}",
-            f"- β over trained pairs: mean {_fmt(overall['mean'])} (β₀ = {cfg['beta0']:g}"
-            + (", mean-rescaled" if cfg.get("rescale_mean") else "") + f"), std {_fmt(overall['std'])}, "
-            f"min {_fmt(overall['min'])}, median {_fmt(overall['median'])}, max {_fmt(overall['max'])}; "
-            f"rescale factor {_fmt(meta.get('beta_stats', {}).get('rescale_factor'))}",
-            f"- β column sha256: `{meta.get('beta_digest')}` · pair-id digest: `{meta.get('pair_ids_digest')}`",
-            "",
-            "## β by category",
-            "",
-            "β statistics over the trained pairs of each consensus category; *semantic β mean* is the schedule's "
-            "value before any control (equal to *β mean* under `--control semantic`).",
-            "",
-            "| category | pairs | share | dropped | flipped | β mean | β std | β min | β median | β max | semantic β mean "
-            "| magnitude mean | confidence mean | agreement mean |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        per_category = {}
-        for category in present:
-            mask = col["category"] == category
-            s = _stats(col["beta"][mask & trained])
-            sem = _stats(col["beta_semantic"][mask & trained])
-            per_category[category] = {"pairs": int(mask.sum()), **s}
-            lines.append(
-                f"| {category} | {mask.sum():,} | {mask.mean():.1%} | {int((mask & col['dropped']).sum()):,} | "
-                f"{int((mask & col['flipped']).sum()):,} | {_fmt(s['mean'])} | {_fmt(s['std'])} | {_fmt(s['min'])} | "
-                f"{_fmt(s['median'])} | {_fmt(s['max'])} | {_fmt(sem['mean'])} | "
-                f"{_fmt(float(np.nanmean(col['magnitude'][mask])) if np.isfinite(col['magnitude'][mask]).any() else None, 3)} | "
-                f"{_fmt(float(np.nanmean(col['confidence'][mask])) if np.isfinite(col['confidence'][mask]).any() else None, 3)} | "
-                f"{_fmt(float(np.nanmean(col['agreement'][mask])) if np.isfinite(col['agreement'][mask]).any() else None, 3)} |"
-            )
-
-        agreement = col["agreement"][np.isfinite(col["agreement"])]
-        n_ann = col["n_annotations"]
-        bins = [("unanimous (1.0)", agreement >= 1.0), ("≥ 2/3", (agreement >= 2 / 3 - 1e-9) & (agreement < 1.0)),
-                ("≥ 1/2", (agreement >= 0.5) & (agreement < 2 / 3 - 1e-9)), ("< 1/2", agreement < 0.5)]
-        lines += [
-            "",
-            "## Agreement",
-            "",
-            f"Consensus over {int(n_ann.sum()):,} valid annotations ({int(col['n_failed'].sum()):,} failed, counted but not "
-            f"voted). Mean agreement {_fmt(float(agreement.mean()) if len(agreement) else None, 3)} over "
-            f"{len(agreement):,} annotated pairs; a pair's confidence is its voters' mean confidence × agreement.",
-            "",
-            "| agreement | pairs |",
-            "|---|---|",
-            *[f"| {label} | {int(mask.sum()):,} |" for label, mask in bins],
-            "",
-            "| valid annotations per pair | pairs |",
-            "|---|---|",
-            *[f"| {k} | {int(v):,} |" for k, v in zip(*np.unique(n_ann, return_counts=True))],
-            "",
-            "## Annotation provenance",
-            "",
-            f"- annotations: `{prov.get('annotations')}` · pairs: `{prov.get('pairs')}`",
-            f"- rows read: {prov.get('annotation_rows')} · by status: {prov.get('status_counts')} · "
-            f"duplicates ignored: {prov.get('duplicate_rows')} · rows for pairs not in the table: {prov.get('orphan_rows')}",
-            f"- teachers (rows): {prov.get('teachers')}",
-            f"- prompt versions (rows): {prov.get('prompt_versions')}",
-            "",
-            f"## Flipped pairs ({int(col['flipped'].sum()):,})",
-            "",
-            "Chosen and rejected are swapped at training (the consensus says the rejected answer is better).",
-            "",
-            *(_pair_list(col, col["flipped"]) if col["flipped"].any() else ["None."]),
-            "",
-            f"## Dropped pairs ({int(col['dropped'].sum()):,})",
-            "",
-            "Excluded from training by the noise / reversed / unannotated policy.",
-            "",
-            *(_pair_list(col, col["dropped"]) if col["dropped"].any() else ["None."]),
-            "",
-            "## Plots",
-            "",
-            "![β histogram](beta_hist.png)",
-            "",
-            "![β by category](beta_by_category.png)",
-            "",
-            "![category × magnitude](category_magnitude_heatmap.png)",
-            "",
-            "## Schedule config",
-            "",
-            "```yaml",
-            _config_yaml(cfg),
-            "```",
-            "",
-        ]
         report = join_uri(out_dir, "report.md")
-        write_bytes(report, "\n".join(lines).encode())
+        write_bytes(report, render_report(stats, meta, cfg, artifact_path).encode())
         bar.update()
     return {
         "report": report,
         "plots": [join_uri(out_dir, name) for name in plots],
-        "control": control,
-        "pairs": n,
-        "trained": int(trained.sum()),
-        "dropped": int(col["dropped"].sum()),
-        "flipped": int(col["flipped"].sum()),
-        "mean_beta": overall["mean"],
-        "per_category": per_category,
+        "control": stats["control"],
+        "pairs": stats["pairs"],
+        "trained": stats["trained"],
+        "dropped": stats["dropped"],
+        "flipped": stats["flipped"],
+        "mean_beta": stats["beta"]["mean"],
+        "per_category": {c: {"pairs": s["pairs"], **s["beta"]} for c, s in stats["per_category"].items()},
     }
