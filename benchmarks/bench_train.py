@@ -72,10 +72,11 @@ def per_pair_overhead(model_id: str, pairs: str, artifact: str, steps: int, devi
     import torch
 
     import sp2dpo.train.loss as loss_module
+    from sp2dpo.train.config import TrainConfig
     from sp2dpo.train.data import load_training_table, tokenize_table
-    from sp2dpo.train.reference import load_causal_lm
+    from sp2dpo.train.logps import load_causal_lm, make_collator
+    from sp2dpo.train.loss import batch_loss
     from sp2dpo.train.strategy import TorchStrategy
-    from sp2dpo.train.trainer import TrainConfig, batch_loss, make_collator
 
     ours_loss = loss_module.dpo_loss
     # The loss alone on one set of logits, forward and backward, many times (microseconds each).
@@ -99,7 +100,7 @@ def per_pair_overhead(model_id: str, pairs: str, artifact: str, steps: int, devi
     model, tok = load_causal_lm(model_id)
     table, _ = load_training_table(artifact, pairs, require_ref=True)
     examples = tokenize_table(table, tok, cfg.max_length)
-    collate = make_collator(cfg, tok.pad_token_id)
+    collate = make_collator(cfg.shared_prompt, tok.pad_token_id, cfg.max_length)
     strategy = TorchStrategy(cfg, 1, 0, torch.device(device))
     strategy.prepare(model, total_steps=2 * (steps + 1))  # two optimizer steps per round
     times: dict[str, list[float]] = {"per_pair": [], "trl": []}
@@ -110,7 +111,7 @@ def per_pair_overhead(model_id: str, pairs: str, artifact: str, steps: int, devi
             for variant in ("per_pair", "trl") if i % 2 == 0 else ("trl", "per_pair"):
                 loss_module.dpo_loss = ours_loss if variant == "per_pair" else trl_scalar_loss
                 t0 = time.perf_counter()
-                strategy.backward(batch_loss(strategy.model, inputs, cfg).losses.mean())
+                strategy.backward(batch_loss(strategy.model, inputs, cfg.loss_type).losses.mean())
                 strategy.step()
                 if device == "cuda":
                     torch.cuda.synchronize()

@@ -81,7 +81,7 @@ def _grads(model):
 @pytest.mark.parametrize("answer_scorer", [True, False])
 def test_same_logps_and_gradients_as_two_rows(examples, tiny_model_dir, attention, answer_scorer):
     from sp2dpo.train.data import PerPairCollator
-    from sp2dpo.train.reference import load_causal_lm, sequence_logps
+    from sp2dpo.train.logps import load_causal_lm, sequence_logps
     from sp2dpo.train.shared_prompt import SharedPromptCollator, shared_prompt_logps
 
     examples, pad = examples
@@ -109,8 +109,8 @@ def test_same_logps_and_gradients_as_two_rows(examples, tiny_model_dir, attentio
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
 def test_batch_loss_same_on_both_layouts_and_follows_a_permutation(examples, tiny_model_dir, tmp_path, loss_type):
-    from sp2dpo.train.reference import load_causal_lm
-    from sp2dpo.train.trainer import TrainConfig, batch_loss, make_collator
+    from sp2dpo.train.logps import load_causal_lm, make_collator
+    from sp2dpo.train.loss import batch_loss
 
     examples, pad = examples
     model, _ = load_causal_lm(str(tiny_model_dir))
@@ -118,14 +118,12 @@ def test_batch_loss_same_on_both_layouts_and_follows_a_permutation(examples, tin
     model.train()
     betas = [0.05, 0.5, 0.1, 1.0, 0.2, 0.3]
     examples = [{**ex, "beta": b} for ex, b in zip(examples, betas)]
-    cfg = {"artifact": "-", "pairs": "-", "max_length": 160, "loss_type": loss_type}
-    two_rows = batch_loss(model, make_collator(TrainConfig(**cfg, shared_prompt=False), pad)(examples), TrainConfig(**cfg))
-    shared_cfg = TrainConfig(**cfg, shared_prompt=True)
-    shared = batch_loss(model, make_collator(shared_cfg, pad)(examples), shared_cfg)
+    two_rows = batch_loss(model, make_collator(False, pad, 160)(examples), loss_type)
+    shared = batch_loss(model, make_collator(True, pad, 160)(examples), loss_type)
     torch.testing.assert_close(shared.losses, two_rows.losses, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(shared.margins, two_rows.margins, rtol=1e-5, atol=1e-5)
     perm = [3, 0, 5, 1, 4, 2]
-    permuted = batch_loss(model, make_collator(shared_cfg, pad)([examples[i] for i in perm]), shared_cfg)
+    permuted = batch_loss(model, make_collator(True, pad, 160)([examples[i] for i in perm]), loss_type)
     torch.testing.assert_close(permuted.losses, shared.losses[perm], rtol=1e-5, atol=1e-6)
 
 
@@ -135,7 +133,7 @@ def test_same_logps_and_gradients_on_cuda(examples, tiny_model_dir, answer_score
     """On a GPU SDPA takes another kernel for a custom mask and TRL's fused head scores only
     labelled positions (Triton): the one-row layout still equals the two-row one."""
     from sp2dpo.train.data import PerPairCollator
-    from sp2dpo.train.reference import load_causal_lm, sequence_logps
+    from sp2dpo.train.logps import load_causal_lm, sequence_logps
     from sp2dpo.train.shared_prompt import SharedPromptCollator, shared_prompt_logps
 
     examples, pad = examples

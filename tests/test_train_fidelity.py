@@ -43,15 +43,17 @@ def _step0_margins(cfg, ref_artifact):
     """Margins β_i·h_i of every trained pair from the policy as the loop builds it (train mode),
     in micro-batches of 2 in table order."""
     from sp2dpo.train.data import load_training_table, tokenize_table
-    from sp2dpo.train.trainer import batch_loss, load_student, make_collator
+    from sp2dpo.train.logps import make_collator
+    from sp2dpo.train.loss import batch_loss
+    from sp2dpo.train.trainer import load_student
 
     model, tok = load_student(cfg)
     model.train()
     table, _ = load_training_table(ref_artifact, cfg.pairs, require_ref=True)
     examples = tokenize_table(table, tok, cfg.max_length)
-    collate = make_collator(cfg, tok.pad_token_id)
+    collate = make_collator(cfg.shared_prompt, tok.pad_token_id, cfg.max_length)
     with torch.no_grad():
-        return torch.cat([batch_loss(model, collate(examples[i: i + 2]), cfg).margins.float()
+        return torch.cat([batch_loss(model, collate(examples[i: i + 2]), cfg.loss_type).margins.float()
                           for i in range(0, len(examples), 2)])
 
 

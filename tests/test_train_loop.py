@@ -39,8 +39,8 @@ def test_own_loop_equals_trl_route_on_the_same_batch(sample_with_ref, tiny_model
     from trl import DPOConfig
 
     from sp2dpo.train.data import PerPairCollator, conversation, load_training_table, tokenize_table
-    from sp2dpo.train.reference import load_causal_lm
-    from sp2dpo.train.trainer import batch_loss
+    from sp2dpo.train.logps import load_causal_lm
+    from sp2dpo.train.loss import batch_loss
     from sp2dpo.train.trl_trainer import PerPairBetaDPOTrainer
 
     out, pairs, _, ref_artifact = sample_with_ref
@@ -51,7 +51,7 @@ def test_own_loop_equals_trl_route_on_the_same_batch(sample_with_ref, tiny_model
     examples = tokenize_table(table, tok, 256)
     batch = PerPairCollator(tok.pad_token_id, max_length=256)(examples[:6])
     assert "ref_chosen_logps" in batch and len(set(batch["beta"].tolist())) > 1  # per-pair β, offline refs
-    loss = batch_loss(ours, batch, cfg).losses.mean()
+    loss = batch_loss(ours, batch, cfg.loss_type).losses.mean()
     loss.backward()
 
     rows = [dict(conversation(r["prompt"], r["prompt_messages"], r["chosen"], r["rejected"]), beta=r["beta"])
@@ -76,8 +76,8 @@ def test_own_loop_equals_trl_route_on_the_same_batch(sample_with_ref, tiny_model
 
 def test_train_refuses_foreign_reference_and_uncovered_pairs(sample_with_ref, tiny_model_dir, tmp_path):
     from sp2dpo.schedule.artifact import ArtifactError
-    from sp2dpo.train.trainer import prepare_artifact
     from sp2dpo.storage import read_parquet, read_sp2dpo_metadata, write_parquet
+    from sp2dpo.train.trainer import prepare_artifact
 
     _, pairs, artifact, ref_artifact = sample_with_ref
     # Log-probs tagged for another reference model.
@@ -119,9 +119,9 @@ def test_config_refuses_bf16_on_cpu():
 def _strategy_steps(tiny_model_dir, ref_artifact, pairs, cfg, steps, start=0, checkpoint_in=None, checkpoint_out=None):
     """Plain-torch strategy over `steps` fixed batches (no Ray): the weights it ends with."""
     from sp2dpo.train.data import PerPairCollator, load_training_table, tokenize_table
-    from sp2dpo.train.reference import load_causal_lm
+    from sp2dpo.train.logps import load_causal_lm
+    from sp2dpo.train.loss import batch_loss
     from sp2dpo.train.strategy import TorchStrategy
-    from sp2dpo.train.trainer import batch_loss
 
     model, tok = load_causal_lm(str(tiny_model_dir))
     if cfg.gradient_checkpointing:
@@ -137,7 +137,7 @@ def _strategy_steps(tiny_model_dir, ref_artifact, pairs, cfg, steps, start=0, ch
     grads_after_backward = []
     for i in range(start, start + steps):
         batch = collate(examples[(2 * i) % 8: (2 * i) % 8 + 2])
-        strategy.backward(batch_loss(strategy.model, batch, cfg).losses.mean())
+        strategy.backward(batch_loss(strategy.model, batch, cfg.loss_type).losses.mean())
         grads_after_backward.append(sum(p.grad is not None for p in model.parameters()))
         strategy.step()
     if checkpoint_out:
@@ -196,8 +196,8 @@ def test_optimizer_in_backward_refuses_what_needs_every_gradient(setting, needs)
 
 
 def test_deepspeed_config_from_yaml_values():
-    from sp2dpo.train.strategy import deepspeed_config
     from sp2dpo.train.config import TrainConfig
+    from sp2dpo.train.strategy import deepspeed_config
 
     cfg = TrainConfig(zero_stage=3, micro_batch_size=4, gradient_accumulation_steps=2,
                       deepspeed_config={"zero_optimization": {"offload_optimizer": {"device": "cpu"}}})

@@ -51,7 +51,8 @@ def tokenize_pair(tokenizer: Any, conv: dict[str, list]) -> dict[str, list[int]]
     checks the two agree token for token."""
 
     def ids(messages: list, **kw: Any) -> list[int]:
-        return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, tools=None, **kw)["input_ids"])
+        encoded = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, tools=None, **kw)
+        return list(encoded["input_ids"])
 
     prompt_ids = ids(conv["prompt"], add_generation_prompt=True)
     chosen_full = ids(conv["prompt"] + conv["chosen"])
@@ -233,7 +234,8 @@ def check_reference(metadata: dict[str, Any], expected: dict[str, Any], artifact
     or max_length, naming the setting to change for each difference."""
     found = metadata.get("reference")
     if not found:
-        raise ArtifactError(f"{artifact_path} has reference log-probs but no `reference` tag saying which model made them")
+        raise ArtifactError(f"{artifact_path} has reference log-probs but no `reference` tag saying which model "
+                            "made them")
     diffs = [f"{k}: artifact {found.get(k)!r} vs training {v!r} ({TAG_FIXES.get(k, 'recompute')})"
              for k, v in expected.items() if found.get(k) != v]
     if diffs:

@@ -26,9 +26,12 @@ the two agree only at h_i = 0 (tests/test_loss.py shows they differ everywhere e
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from sp2dpo.train.logps import batch_logps, completion_lengths
 
 LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")
 
@@ -51,7 +54,8 @@ def as_beta_tensor(beta: float | torch.Tensor, like: torch.Tensor) -> torch.Tens
     if beta.dim() == 0:
         beta = beta.expand_as(like)
     if beta.shape != like.shape:
-        raise ValueError(f"beta must be a scalar or have shape {tuple(like.shape)} (one per pair), got {tuple(beta.shape)}")
+        raise ValueError(f"beta must be a scalar or have shape {tuple(like.shape)} (one per pair), "
+                         f"got {tuple(beta.shape)}")
     if not bool(torch.all(beta > 0)):
         raise ValueError("every beta must be > 0")
     return beta.to(device=like.device, dtype=like.dtype)
@@ -96,3 +100,16 @@ def dpo_loss(
     rejected_rewards = (beta * rejected_logratios).detach()
     margins = chosen_rewards - rejected_rewards
     return DPOLossOutput(losses, chosen_rewards, rejected_rewards, margins, (margins > 0).to(losses.dtype))
+
+
+def batch_loss(model: Any, batch: dict[str, Any], loss_type: str = "sigmoid",
+               label_smoothing: float = 0.0) -> DPOLossOutput:
+    """Per-pair DPO outputs for one collated batch (either layout): the policy's log-probs from
+    `model`, β_i and the offline reference log-probs from the batch's own [B] columns."""
+    chosen, rejected = batch_logps(model, batch)
+    lengths = (None, None)
+    if loss_type == "ipo":
+        lengths = tuple(n.to(chosen.dtype) for n in completion_lengths(batch))
+    return dpo_loss(chosen, rejected, batch["ref_chosen_logps"].to(chosen.dtype),
+                    batch["ref_rejected_logps"].to(chosen.dtype), batch["beta"], loss_type, label_smoothing,
+                    lengths[0], lengths[1])

@@ -25,11 +25,16 @@ from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import torch
 from pydantic import Field
+from transformers import AutoTokenizer
 
 from sp2dpo.config import StageConfig
-from sp2dpo.schedule.artifact import REF_LOGP_COLUMNS, read_artifact
+from sp2dpo.models import resolve_model
+from sp2dpo.schedule.artifact import REF_LOGP_COLUMNS, read_artifact, training_pairs
 from sp2dpo.storage import write_parquet
+from sp2dpo.train.data import reference_tag, tokenize_table
+from sp2dpo.train.logps import batch_logps, load_causal_lm, make_collator
 from sp2dpo.utils import progress_bar
 
 
@@ -56,71 +61,11 @@ class ReferenceConfig(StageConfig):
         return f"{stem}.ref.parquet"
 
 
-def load_causal_lm(model_id: str, dtype: str = "float32", device: str | None = None) -> tuple[Any, Any]:
-    """Model and tokenizer from a local path or a bundled name, with TRL's fused LM head and the
-    shared-prompt answer scorer added (both only add keyword arguments to `forward`)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl.trainer.utils import add_fused_lm_head
-
-    from sp2dpo.models import resolve_model
-    from sp2dpo.train.shared_prompt import add_answer_scoring
-
-    path = resolve_model(model_id)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
-    if device:
-        model.to(device)
-    add_fused_lm_head(model)
-    add_answer_scoring(model)
-    return model, tokenizer
-
-
-def disable_dropout(model: Any) -> None:
-    """Dropout off, so a training-mode forward computes what the reference pass (eval mode) did.
-
-    TRL's `disable_dropout_in_model` (what `DPOConfig.disable_dropout` runs) zeroes `nn.Dropout`
-    modules; Llama-style attention applies `attention_dropout` functionally in training mode, so
-    that rate is zeroed too."""
-    import torch
-    from trl.trainer.utils import disable_dropout_in_model
-
-    disable_dropout_in_model(model)
-    for module in model.modules():
-        if isinstance(getattr(module, "attention_dropout", None), float) and not isinstance(module, torch.nn.Dropout):
-            module.attention_dropout = 0.0
-
-
-def sequence_logps(model: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
-    """Summed completion log-probs of a collated batch: ([B] chosen, [B] rejected).
-
-    `model` carries TRL's fused LM head, which scores the label tokens without building the
-    [2B, T, vocab] logits (the largest activation of a small model)."""
-    completion_mask = batch["completion_mask"]
-    labels = batch["input_ids"].masked_fill(completion_mask == 0, -100)
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
-                fused_lm_head=True, use_cache=False)
-    return out.log_probs.sum(dim=1).chunk(2, dim=0)
-
-
-def batch_logps(model: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
-    """Summed answer log-probs of a batch in either layout (one row per pair or TRL's two)."""
-    from sp2dpo.train.shared_prompt import shared_prompt_logps
-
-    return shared_prompt_logps(model, batch) if "segments" in batch else sequence_logps(model, batch)
-
-
 class ReferenceScorer:
     """Ray Data UDF (and the local engine's scorer): training rows → reference log-probs."""
 
     def __init__(self, model: str, max_length: int | None, dtype: str = "float32", batch_size: int = 8,
                  shared_prompt: bool = True):
-        import torch
-
-        from sp2dpo.train.shared_prompt import make_collator
-
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model, self.tokenizer = load_causal_lm(model, dtype, device)
         self.model.eval()
@@ -130,10 +75,6 @@ class ReferenceScorer:
         self.collate = make_collator(shared_prompt, self.tokenizer.pad_token_id, max_length)
 
     def __call__(self, rows: pa.Table) -> pa.Table:
-        import torch
-
-        from sp2dpo.train.data import tokenize_table
-
         examples = tokenize_table(rows, self.tokenizer, self.max_length)
         chosen, rejected = [], []
         with torch.no_grad():
@@ -149,9 +90,6 @@ class ReferenceScorer:
 
 def compute_reference(cfg: ReferenceConfig, show_progress: bool = True) -> dict[str, Any]:
     """Write the artifact with reference log-probs added; return the summary."""
-    from sp2dpo.schedule.artifact import training_pairs
-    from sp2dpo.train.data import reference_tag
-
     t0 = time.perf_counter()
     artifact, metadata = read_artifact(cfg.artifact)
     rows = training_pairs(cfg.artifact, cfg.pairs)  # verified: refuses an artifact that does not match
@@ -175,10 +113,6 @@ def compute_reference(cfg: ReferenceConfig, show_progress: bool = True) -> dict[
     where = pc.index_in(artifact["pair_id"], value_set=scores["pair_id"])
     for name in REF_LOGP_COLUMNS:
         artifact = artifact.append_column(name, scores[name].take(where))
-    from transformers import AutoTokenizer
-
-    from sp2dpo.models import resolve_model
-
     tag = reference_tag(cfg.model, AutoTokenizer.from_pretrained(resolve_model(cfg.model)), cfg.max_length, cfg.dtype)
     out = cfg.out_path()
     write_parquet(artifact, out, {**metadata, "reference": tag})

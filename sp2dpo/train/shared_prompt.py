@@ -42,14 +42,6 @@ PROMPT, CHOSEN, REJECTED, PAD = 0, 1, 2, -1
 MASKABLE_ATTENTION = ("sdpa", "eager")
 
 
-def make_collator(shared_prompt: bool, pad_token_id: int, max_length: int | None) -> Any:
-    """The batch layout asked for: one row per pair (`shared_prompt`) or TRL's two rows."""
-    from sp2dpo.train.data import PerPairCollator
-
-    collator = SharedPromptCollator if shared_prompt else PerPairCollator
-    return collator(pad_token_id, max_length=max_length)
-
-
 class SharedPromptCollator:
     """Examples (`data.tokenize_table`) → one row per pair: `input_ids`, `position_ids`,
     `segments`, `completion_mask` (the answer tokens that are scored); for the answer scorer the
@@ -115,7 +107,8 @@ def attention_mask_4d(segments: torch.Tensor, implementation: str, dtype: torch.
     allowed |= torch.eye(width, dtype=torch.bool, device=segments.device)
     allowed = allowed[:, None]
     if implementation == "eager":
-        return torch.zeros(allowed.shape, dtype=dtype, device=segments.device).masked_fill(~allowed, torch.finfo(dtype).min)
+        additive = torch.zeros(allowed.shape, dtype=dtype, device=segments.device)
+        return additive.masked_fill(~allowed, torch.finfo(dtype).min)
     return allowed
 
 
@@ -167,7 +160,7 @@ def shared_prompt_logps(model: Any, batch: dict[str, Any],
                         answer_scorer: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed completion log-probs of a shared-prompt batch: ([B] chosen, [B] rejected).
 
-    `model` comes from `reference.load_causal_lm` (TRL's fused head and `add_answer_scoring`).
+    `model` comes from `logps.load_causal_lm` (TRL's fused head and `add_answer_scoring`).
     `answer_scorer` picks the head; by default the answer scorer, or TRL's fused head when the
     head is sharded by ZeRO-3."""
     segments, completion = batch["segments"], batch["completion_mask"]
@@ -186,12 +179,3 @@ def shared_prompt_logps(model: Any, batch: dict[str, Any],
     chosen = (log_probs * (answer == CHOSEN)).sum(dim=1)
     rejected = (log_probs * (answer == REJECTED)).sum(dim=1)
     return chosen, rejected
-
-
-def completion_lengths(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scored answer tokens per pair ([B] chosen, [B] rejected), as IPO normalises by them, in
-    either layout (TRL's two rows carry no `segments`: chosen rows first, then rejected)."""
-    if "segments" not in batch:
-        return batch["completion_mask"].sum(dim=1).chunk(2)
-    scored = batch["completion_mask"].bool()
-    return ((batch["segments"] == CHOSEN) & scored).sum(dim=1), ((batch["segments"] == REJECTED) & scored).sum(dim=1)

@@ -53,8 +53,10 @@ from sp2dpo.schedule.artifact import REF_LOGP_COLUMNS, ArtifactError
 from sp2dpo.storage import absolute, is_uri, join_uri, read_json, read_sp2dpo_metadata, upload_dir, write_json
 from sp2dpo.train.config import TrainConfig
 from sp2dpo.train.data import check_reference, load_training_table, reference_tag, tokenize_table
+from sp2dpo.train.logps import batch_tokens, disable_dropout, load_causal_lm, make_collator
+from sp2dpo.train.loss import batch_loss
 from sp2dpo.train.metrics import OTHER, Loggers, MetricSums, category_slots, training_summary, write_outputs
-from sp2dpo.train.reference import ReferenceConfig, compute_reference, disable_dropout, load_causal_lm
+from sp2dpo.train.reference import ReferenceConfig, compute_reference
 from sp2dpo.train.strategy import make_strategy
 from sp2dpo.utils import init_ray, progress_bar
 
@@ -67,35 +69,6 @@ def load_student(cfg: TrainConfig) -> tuple[Any, Any]:
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model, tokenizer
-
-
-# ----------------------------------------------------------------------------- the loss on one batch
-
-
-def batch_loss(model: Any, batch: dict[str, Any], cfg: TrainConfig) -> Any:
-    """Per-pair DPO outputs for one collated batch, reading β and reference log-probs from it."""
-    from sp2dpo.train.loss import dpo_loss
-    from sp2dpo.train.reference import batch_logps
-    from sp2dpo.train.shared_prompt import completion_lengths
-
-    chosen, rejected = batch_logps(model, batch)
-    lengths = (None, None)
-    if cfg.loss_type == "ipo":
-        lengths = tuple(n.to(chosen.dtype) for n in completion_lengths(batch))
-    return dpo_loss(chosen, rejected, batch["ref_chosen_logps"].to(chosen.dtype), batch["ref_rejected_logps"].to(chosen.dtype),
-                    batch["beta"], cfg.loss_type, cfg.label_smoothing, lengths[0], lengths[1])
-
-
-def make_collator(cfg: TrainConfig, pad_token_id: int) -> Any:
-    """The batch layout the config asks for: one row per pair (`shared_prompt`) or TRL's two."""
-    from sp2dpo.train import shared_prompt
-
-    return shared_prompt.make_collator(cfg.shared_prompt, pad_token_id, cfg.max_length)
-
-
-def batch_tokens(batch: dict[str, Any]) -> Any:
-    """Prompt+answer tokens of the pairs in a batch, counted as TRL's two-row batch holds them."""
-    return batch["num_tokens"] if "num_tokens" in batch else batch["attention_mask"].sum()
 
 
 class StepPlan:
@@ -139,7 +112,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     categories = category_slots()
     slot = {name: i for i, name in enumerate(categories)}
     category_ids = [slot.get(c, slot[OTHER]) for c in table["category"].to_pylist()]
-    collate = make_collator(cfg, tokenizer.pad_token_id)
+    collate = make_collator(cfg.shared_prompt, tokenizer.pad_token_id, cfg.max_length)
     plan = StepPlan(len(examples), cfg, world)
     strategy = make_strategy(cfg, world, rank, device)
     strategy.prepare(model, plan.total_steps)
@@ -167,13 +140,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             step = state["step"]
             _maybe_fail(cfg, step, rank)
             # The step's micro-batches are collated first (a dataloader's job); the clock times the compute.
-            micro_batches = [(idx, collate([examples[i] for i in idx]))
-                             for idx in (plan.indices(step, micro, rank) for micro in range(cfg.gradient_accumulation_steps))]
+            plans = [plan.indices(step, micro, rank) for micro in range(cfg.gradient_accumulation_steps)]
+            micro_batches = [(idx, collate([examples[i] for i in idx])) for idx in plans]
             t0 = time.perf_counter()
             step_sums = MetricSums(len(categories))
             for idx, cpu_batch in micro_batches:
                 batch = {k: v.to(device, non_blocking=True) for k, v in cpu_batch.items()}
-                out = batch_loss(strategy.model, batch, cfg)
+                out = batch_loss(strategy.model, batch, cfg.loss_type, cfg.label_smoothing)
                 strategy.backward(out.losses.mean())
                 strategy.step()
                 step_sums.add(out, batch["beta"], [category_ids[i] for i in idx], batch_tokens(batch))

@@ -35,10 +35,11 @@ import torch
 from trl import DPOTrainer
 
 from sp2dpo.train.data import PerPairCollator
-from sp2dpo.train.reference import disable_dropout
+from sp2dpo.train.logps import disable_dropout
 
 # Losses that sort or otherwise reorder pairs inside the batch before applying β.
-REORDERING_LOSSES = {"aot": "sorts the log-ratios across the batch", "aot_unpaired": "sorts the log-ratios across the batch"}
+REORDERING_LOSSES = {"aot": "sorts the log-ratios across the batch",
+                     "aot_unpaired": "sorts the log-ratios across the batch"}
 
 
 def check_per_pair_compatible(args: Any) -> None:
@@ -82,7 +83,7 @@ class PerPairBetaDPOTrainer(DPOTrainer):
 
     def __init__(self, *args: Any, **kwargs: Any):
         dpo_args = kwargs.get("args") if "args" in kwargs else (args[2] if len(args) > 2 else None)
-        train_dataset = kwargs.get("train_dataset") if "train_dataset" in kwargs else (args[4] if len(args) > 4 else None)
+        train_dataset = kwargs["train_dataset"] if "train_dataset" in kwargs else (args[4] if len(args) > 4 else None)
         if dpo_args is not None:
             check_per_pair_compatible(dpo_args)
         for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", kwargs.get("eval_dataset"))):
@@ -126,7 +127,8 @@ class PerPairBetaDPOTrainer(DPOTrainer):
         beta = inputs.pop("beta", None)
         inputs.pop("index", None)
         if beta is None:
-            raise ValueError("this batch has no 'beta': build it with PerPairCollator from a dataset with a beta column")
+            raise ValueError("this batch has no 'beta': build it with PerPairCollator from a dataset with a beta "
+                             "column")
         self._batch_beta = beta.to(device=self.accelerator.device, dtype=torch.float32)
         try:
             mode = "train" if self.model.training else "eval"
