@@ -50,8 +50,9 @@ def _load() -> str:
 def in_process(cfg, pairs: list[dict], batch_size: int) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from sp2dpo.annotate.engines import LLMTeacher, VLLMTeacherEngine
+    from sp2dpo.annotate.engines import LLMTeacher
     from sp2dpo.annotate.prompts import build_messages
+    from sp2dpo.annotate.vllm_teacher import VLLMTeacherEngine
 
     k = cfg.pool.max_concurrent_batches
     t0 = time.perf_counter()
@@ -110,9 +111,10 @@ def main() -> None:
     import pyarrow.parquet as pq
 
     from sp2dpo.annotate import AnnotateConfig, annotate
-    from sp2dpo.annotate.engines import LLMTeacher, VLLMTeacherEngine
+    from sp2dpo.annotate.engines import LLMTeacher
     from sp2dpo.annotate.prompts import build_messages
     from sp2dpo.annotate.store import read_shards
+    from sp2dpo.annotate.vllm_teacher import VLLMTeacherEngine
     from sp2dpo.data.prepare import DataConfig, prepare
     from sp2dpo.models import bundled_model_dir
     from sp2dpo.utils import init_ray

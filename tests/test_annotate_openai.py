@@ -234,7 +234,7 @@ def test_faulty_server_through_ray_never_crashes(ray_local, faulty_server, tmp_p
 def test_concurrency_is_bounded(faulty_server):
     import httpx
 
-    from sp2dpo.annotate.engines import OpenAITeacherEngine
+    from sp2dpo.annotate.openai_teacher import OpenAITeacherEngine
 
     httpx.post(f"{faulty_server}/reset")
     engine = OpenAITeacherEngine(_openai_config(faulty_server, "unused", "unused", openai={"concurrency": 2}))
@@ -252,7 +252,7 @@ def test_api_key_comes_from_the_environment(faulty_server, monkeypatch):
     """The key is read from the named environment variable in the process that makes requests."""
     proc, url = _start("faulty", "--api-key", "s3cret")
     try:
-        from sp2dpo.annotate.engines import OpenAITeacherEngine
+        from sp2dpo.annotate.openai_teacher import OpenAITeacherEngine
 
         msgs = [[{"role": "user", "content": "Q [id:key0] [fault:ok]"}]]
         monkeypatch.setenv("SP2DPO_TEST_TEACHER_KEY", "s3cret")

@@ -49,8 +49,8 @@ def test_overlapped_batches_give_the_rows_of_one_batch_at_a_time(smollm2_dir, tm
     from concurrent.futures import ThreadPoolExecutor
 
     from sp2dpo.annotate import AnnotateConfig
-    from sp2dpo.annotate.engines import VLLMTeacherEngine
     from sp2dpo.annotate.prompts import build_messages
+    from sp2dpo.annotate.vllm_teacher import VLLMTeacherEngine
     from sp2dpo.data.prepare import DataConfig, prepare
 
     prepare(DataConfig(inputs=["ultrafeedback-sample"], out=str(tmp_path / "data"), limit=8), show_progress=False)
