@@ -14,8 +14,15 @@ import pytest
 from annotation_rows import annotation_table
 
 from sp2dpo.schedule.artifact import (
-    ARTIFACT_SCHEMA, ArtifactError, beta_digest, build_artifact, read_artifact, training_pairs, verify_artifact)
-from sp2dpo.schedule.beta import ScheduleConfig
+    ARTIFACT_SCHEMA,
+    ArtifactError,
+    beta_digest,
+    build_artifact,
+    read_artifact,
+    training_pairs,
+    verify_artifact,
+)
+from sp2dpo.schedule.config import ScheduleConfig
 from sp2dpo.schedule.synthetic import synthetic_annotations
 from sp2dpo.storage import read_parquet, write_parquet
 

@@ -12,7 +12,7 @@ import pytest
 
 from sp2dpo.schedule.artifact import ARTIFACT_SCHEMA, build_artifact, read_artifact
 from sp2dpo.schedule.audit import LISTED_PAIRS, audit_stats, render_report, write_audit
-from sp2dpo.schedule.beta import ScheduleConfig
+from sp2dpo.schedule.config import ScheduleConfig
 from sp2dpo.schedule.synthetic import synthetic_annotations
 from sp2dpo.storage import read_parquet, write_parquet
 

@@ -16,7 +16,8 @@ from pydantic import ValidationError
 from sp2dpo.annotate.schema import ANNOTATIONS_SCHEMA, CATEGORIES, Annotation, annotation_json_schema
 from sp2dpo.annotate.store import read_shards
 from sp2dpo.config import load_config, packaged_config_path
-from sp2dpo.schedule.beta import SEMANTIC_CATEGORIES, ScheduleConfig, schedule_beta
+from sp2dpo.schedule.beta import schedule_beta
+from sp2dpo.schedule.config import SEMANTIC_CATEGORIES, ScheduleConfig
 from sp2dpo.schedule.consensus import consensus
 
 NAN = float("nan")

@@ -1,7 +1,8 @@
 """Stage: schedule. Semantic-gap annotations → one β_i per pair, written as an auditable artifact.
 
     consensus.py  several annotations per pair → one (majority category, agreement, ...)
-    beta.py       ScheduleConfig and the pure, vectorised β schedule
+    config.py     ScheduleConfig (the β mapping) and the controls
+    beta.py       the pure, vectorised β schedule
     artifact.py   the artifact: build, read, verify, and the rows training uses
     audit.py      the Markdown + PNG report a reviewer reads
 """
@@ -14,7 +15,7 @@ __all__ = ["ScheduleConfig", "build_artifact", "training_pairs", "read_artifact"
 def __getattr__(name: str) -> Any:
     # Lazy, so that `sp2dpo --help` does not import numpy/pyarrow through the CLI registration.
     if name == "ScheduleConfig":
-        from sp2dpo.schedule.beta import ScheduleConfig
+        from sp2dpo.schedule.config import ScheduleConfig
 
         return ScheduleConfig
     if name in ("build_artifact", "training_pairs", "read_artifact", "verify_artifact"):

@@ -35,8 +35,8 @@ import pyarrow.compute as pc
 
 from sp2dpo import __version__
 from sp2dpo.annotate.store import read_shards
-from sp2dpo.schedule.beta import UNANNOTATED, Schedule, ScheduleConfig, schedule_beta
-from sp2dpo.schedule.config import CONTROLS, Control
+from sp2dpo.schedule.beta import UNANNOTATED, Schedule, schedule_beta
+from sp2dpo.schedule.config import CONTROLS, Control, ScheduleConfig
 from sp2dpo.schedule.consensus import CONSENSUS_INPUTS, consensus
 from sp2dpo.storage import read_parquet, read_sp2dpo_metadata, write_parquet
 from sp2dpo.utils import progress_bar
@@ -242,7 +242,8 @@ def _examples(values: list, limit: int = 3) -> str:
 def _pair_content_ids(pairs: pa.Table) -> list[str]:
     from sp2dpo.data.schema import pair_id_of
 
-    messages = pairs["prompt_messages"].to_pylist() if "prompt_messages" in pairs.column_names else [None] * pairs.num_rows
+    has_messages = "prompt_messages" in pairs.column_names
+    messages = pairs["prompt_messages"].to_pylist() if has_messages else [None] * pairs.num_rows
     return [pair_id_of(json.loads(m) if m is not None else p, c, r)
             for p, m, c, r in zip(pairs["prompt"].to_pylist(), messages, pairs["chosen"].to_pylist(),
                                   pairs["rejected"].to_pylist())]
@@ -307,7 +308,8 @@ def training_pairs(artifact_path: str, pairs_path: str) -> pa.Table:
     keep = pc.invert(rows["dropped"])
     pairs, rows = pairs.filter(keep), rows.filter(keep)
     flipped = rows["flipped"]
-    prompt_messages = pairs["prompt_messages"] if "prompt_messages" in pairs.column_names else pa.nulls(pairs.num_rows, pa.string())
+    has_messages = "prompt_messages" in pairs.column_names
+    prompt_messages = pairs["prompt_messages"] if has_messages else pa.nulls(pairs.num_rows, pa.string())
     columns = {
         "pair_id": pairs["pair_id"],
         "prompt": pairs["prompt"],

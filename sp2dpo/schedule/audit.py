@@ -161,7 +161,7 @@ def _config_yaml(cfg: dict) -> str:
     """The config in ScheduleConfig's field order (the metadata JSON has its keys sorted)."""
     from pydantic import ValidationError
 
-    from sp2dpo.schedule.beta import ScheduleConfig
+    from sp2dpo.schedule.config import ScheduleConfig
 
     try:
         return ScheduleConfig.model_validate(cfg).to_yaml().rstrip()

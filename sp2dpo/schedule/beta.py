@@ -27,75 +27,19 @@ See docs/schedule.md for why the defaults are what they are.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import Field, model_validator
 
 from sp2dpo.annotate.schema import CATEGORIES, MAGNITUDE_MAX, MAGNITUDE_MIN
-from sp2dpo.config import StageConfig
+from sp2dpo.schedule.config import NOISE, REVERSED, SEMANTIC_CATEGORIES, ScheduleConfig
+
+__all__ = ["ALL_CATEGORIES", "SEMANTIC_CATEGORIES", "UNANNOTATED", "Schedule", "ScheduleConfig", "schedule_beta"]
 
 UNANNOTATED = "unannotated"
-NOISE, REVERSED = "no_real_difference", "reversed"
-SEMANTIC_CATEGORIES = tuple(c for c in CATEGORIES if c not in (NOISE, REVERSED))
 # Every category a consensus row can carry, in a fixed order (codes index this tuple).
 ALL_CATEGORIES = (*CATEGORIES, UNANNOTATED)
-
-DEFAULT_WEIGHTS = {
-    "safety": 2.0,
-    "factuality": 1.6,
-    "instruction_following": 1.4,
-    "reasoning": 1.4,
-    "helpfulness": 1.0,
-    "style": 0.5,
-    "reversed": 1.0,
-}
-
-
-class ScheduleConfig(StageConfig):
-    """`sp2dpo schedule` settings: the β mapping (hashed into the artifact) and the shuffle seed."""
-
-    beta0: float = Field(0.1, gt=0, description="Global β of the baseline; the target mean when rescale_mean.")
-    beta_min: float = Field(0.025, gt=0)
-    beta_max: float = Field(0.4, gt=0)
-    category_weights: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
-    # Factor at magnitude 0, 1, 2, 3 (linear in between, for aggregated magnitudes like 2.5).
-    magnitude_factors: list[float] = Field(default_factory=lambda: [0.5, 0.75, 1.0, 1.25])
-    # h(0) = confidence_floor, h(1) = 1: an unsure teacher halves the semantic push, never zeroes it.
-    confidence_floor: float = Field(0.5, ge=0, le=1)
-    rescale_mean: bool = True
-    noise_policy: Literal["min_beta", "drop"] = "min_beta"
-    reversed_policy: Literal["min_beta", "drop", "flip"] = "min_beta"
-    unannotated_policy: Literal["beta0", "drop"] = "beta0"
-    # When rescale_mean cannot bring the mean β of the trained pairs to beta0 (pinned pairs pull it
-    # away): `warn` (recorded in the artifact, warning printed) or `refuse` (no artifact written).
-    on_mean_miss: Literal["warn", "refuse"] = "warn"
-    shuffle_seed: int = 0
-
-    @model_validator(mode="after")
-    def _check(self) -> "ScheduleConfig":
-        if not self.beta_min <= self.beta0 <= self.beta_max:
-            raise ValueError(f"need beta_min <= beta0 <= beta_max, got {self.beta_min}, {self.beta0}, {self.beta_max}")
-        unknown = sorted(set(self.category_weights) - set(SEMANTIC_CATEGORIES) - {REVERSED})
-        if unknown:
-            raise ValueError(f"category_weights: unknown categories {unknown}; known: {[*SEMANTIC_CATEGORIES, REVERSED]} "
-                             f"({NOISE} is set by noise_policy)")
-        needed = set(SEMANTIC_CATEGORIES) | ({REVERSED} if self.reversed_policy == "flip" else set())
-        missing = sorted(needed - set(self.category_weights))
-        if missing:
-            raise ValueError(f"category_weights: missing weights for {missing}")
-        bad = {k: v for k, v in self.category_weights.items() if not (np.isfinite(v) and v > 0)}
-        if bad:
-            raise ValueError(f"category_weights must be positive and finite, got {bad}")
-        factors = np.asarray(self.magnitude_factors, dtype=float)
-        if len(factors) != MAGNITUDE_MAX - MAGNITUDE_MIN + 1:
-            raise ValueError(f"magnitude_factors needs one factor per magnitude {MAGNITUDE_MIN}..{MAGNITUDE_MAX}, "
-                             f"got {len(factors)}")
-        if not (np.all(np.isfinite(factors)) and np.all(factors > 0)):
-            raise ValueError(f"magnitude_factors must be positive and finite, got {self.magnitude_factors}")
-        return self
 
 
 @dataclass
@@ -188,7 +132,8 @@ def schedule_beta(categories: pa.Array | list, magnitude, confidence, cfg: Sched
     trained = ~dropped
     k = 1.0
     if cfg.rescale_mean and trained.any():
-        k = _mean_matching_factor(raw[scaled], float(beta[pinned_min | pinned_beta0 | zero].sum()), int(trained.sum()), cfg)
+        pinned_sum = float(beta[pinned_min | pinned_beta0 | zero].sum())
+        k = _mean_matching_factor(raw[scaled], pinned_sum, int(trained.sum()), cfg)
     beta[scaled] = np.clip(k * raw[scaled], cfg.beta_min, cfg.beta_max)
     if not np.all(np.isfinite(beta[trained]) & (beta[trained] > 0)):  # unreachable by construction; never pass one on
         raise ValueError(f"schedule produced a non-finite or non-positive beta (rescale factor {k})")

@@ -41,7 +41,8 @@ def synthetic_annotations(pairs: pa.Table, teachers: int = 1, seed: int = 0, agr
         cat = np.asarray(GAP_CATEGORIES, dtype=object)[base_cat]
         if t > 0:
             disagree = rng.random(n) >= agreement
-            cat = np.where(disagree, np.asarray(GAP_CATEGORIES, dtype=object)[rng.integers(0, len(GAP_CATEGORIES), n)], cat)
+            other = np.asarray(GAP_CATEGORIES, dtype=object)[rng.integers(0, len(GAP_CATEGORIES), n)]
+            cat = np.where(disagree, other, cat)
         cat = np.where(gap <= 0, "no_real_difference", cat)
         cat = np.where(is_reversed & (gap > 0), "reversed", cat)
         mag = np.clip(magnitude + (rng.integers(-1, 2, n) if t > 0 else 0), 0, 3)
