@@ -12,16 +12,16 @@ from sp2dpo.config import StageConfig
 class DataConfig(StageConfig):
     """`sp2dpo data prepare` settings."""
 
-    inputs: list[str] = Field(default_factory=lambda: ["ultrafeedback-sample"])
-    out: str = "runs/data"
-    # local: in-process; ray: Ray Data over the cluster; auto: ray above `ray_min_bytes` of input.
-    engine: Literal["auto", "local", "ray"] = "auto"
-    ray_min_bytes: int = 64 << 20
-    batch_size: int = 4096
-    # Keep at most this many pairs (after validation), for quick runs; None keeps all.
-    limit: int | None = None
-    # Set aside pairs whose prompt + longer answer exceed this many tokens of `tokenizer`
-    # (reason_code `too_long`): a run setting that fits pairs to a student's max_length (leave room
-    # for the chat template), not a fault.
-    max_tokens: int | None = Field(None, ge=1)
-    tokenizer: str = "smollm2"  # a local HF dir or a bundled model name
+    inputs: list[str] = Field(default_factory=lambda: ["ultrafeedback-sample"], description=(
+        "JSONL/JSON/Parquet files, directories of them, saved HF dataset dirs, or bundled names."))
+    out: str = Field("runs/data", description="Output directory (local path or s3://, gs://).")
+    engine: Literal["auto", "local", "ray"] = Field("auto", description=(
+        "local: in-process; ray: Ray Data over the cluster; auto: ray above `ray_min_bytes` of input."))
+    ray_min_bytes: int = Field(64 << 20, description="Input size from which `engine: auto` uses Ray Data.")
+    batch_size: int = Field(4096, description="Rows validated and written to pairs.parquet per batch.")
+    limit: int | None = Field(None, description="Keep at most this many pairs (after validation), for quick runs; "
+                                                "None keeps all.")
+    max_tokens: int | None = Field(None, ge=1, description=(
+        "Set aside pairs whose prompt + longer answer exceed this many tokens of `tokenizer` (reason_code "
+        "`too_long`), to fit pairs to a student's max_length; None: no limit."))
+    tokenizer: str = Field("smollm2", description="Tokenizer for max_tokens: a local HF dir or a bundled model name.")

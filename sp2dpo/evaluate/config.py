@@ -10,51 +10,51 @@ from sp2dpo.config import StageConfig
 
 
 class EvaluateConfig(StageConfig):
-    # Where outputs, annotations and reports are written (a local directory).
-    out: str | None = None
-    # The eval set: the bundled 805 AlpacaEval 2.0 instructions with their reference outputs.
-    eval_set: str = "alpaca-eval"
-    # Only the first N instructions (smoke runs; such scores are not leaderboard-comparable).
-    limit: int | None = Field(None, ge=1)
+    """`sp2dpo evaluate` settings: generate, judge, score and compare."""
 
-    # generate: the student behind any OpenAI-compatible endpoint.
-    endpoint: str | None = None
-    model: str | None = None
-    # `generator` written in model_outputs.json; defaults to the model id.
-    name: str | None = None
-    api_key_env: str = "OPENAI_API_KEY"
-    max_tokens: int = Field(2048, ge=1)
-    temperature: float = Field(0.0, ge=0)
+    out: str | None = Field(None, description="Where outputs, annotations and reports are written.")
+    eval_set: str = Field("alpaca-eval", description=(
+        "The eval set: the bundled 805 AlpacaEval 2.0 instructions with their reference outputs."))
+    limit: int | None = Field(None, ge=1, description=(
+        "Only the first N instructions (smoke runs; such scores are not leaderboard-comparable)."))
 
-    # judge: any OpenAI-compatible endpoint + model id returning top log-probs.
-    judge_endpoint: str | None = None
-    judge_model: str | None = None
-    judge_api_key_env: str = "OPENAI_API_KEY"
-    # The evaluator config inside the installed alpaca-eval (prompt, decoding, parser).
-    annotator: str = "weighted_alpaca_eval_gpt4_turbo"
-    # Seed of the per-instruction output-order randomisation; 0 is alpaca_eval's own.
-    seed: int = 0
+    endpoint: str | None = Field(None, description="generate: the student's OpenAI-compatible base URL.")
+    model: str | None = Field(None, description="generate: the model id at the endpoint.")
+    name: str | None = Field(None, description="generate: the `generator` written in model_outputs.json; None: the "
+                                               "model id.")
+    api_key_env: str = Field("OPENAI_API_KEY", description="generate: environment variable holding the endpoint's key.")
+    max_tokens: int = Field(2048, ge=1, description="generate: most tokens per answer.")
+    temperature: float = Field(0.0, ge=0, description="generate: sampling temperature (0: greedy).")
 
-    # both clients
-    concurrency: int = Field(8, ge=1)
-    max_retries: int = Field(5, ge=0)
-    request_timeout_s: float = Field(600.0, gt=0)
+    judge_endpoint: str | None = Field(None, description=(
+        "judge: OpenAI-compatible base URL of a judge that returns top log-probs."))
+    judge_model: str | None = Field(None, description="judge: the judge's model id (gpt-4-1106-preview = the "
+                                                      "leaderboard's judge).")
+    judge_api_key_env: str = Field("OPENAI_API_KEY", description="judge: environment variable holding the judge's key.")
+    annotator: str = Field("weighted_alpaca_eval_gpt4_turbo", description=(
+        "judge: the evaluator config inside the installed alpaca-eval (prompt, decoding, parser)."))
+    seed: int = Field(0, description="judge: seed of the per-instruction output-order randomisation; 0 is "
+                                     "alpaca_eval's own.")
 
-    # score
-    glm: Literal["length_controlled_v1", "length_controlled_noreg", "length_controlled_minimal"] = "length_controlled_v1"
-    # AlpacaEval's official hub files, when the user has them (else the offline estimate).
-    instruction_difficulty: str | None = None
-    df_gamed: str | None = None
-    # Look for AlpacaEval's df_gamed.csv / instruction_difficulty.csv through huggingface_hub (its
-    # cache first; a download only when online and HF_HUB_OFFLINE is unset); false: never look.
-    hub_files: bool = True
-    # Score without rows whose preference is missing/NaN (they are counted) instead of refusing.
-    allow_missing: bool = False
-    # Fewer judged instructions than this: no LC win rate (null, with lc_note saying why).
-    lc_min_instructions: int = Field(50, ge=1)
+    concurrency: int = Field(8, ge=1, description="Requests in flight, for both clients.")
+    max_retries: int = Field(5, ge=0, description="Client retries of transient failures, for both clients.")
+    request_timeout_s: float = Field(600.0, gt=0, description="Per-request timeout in seconds, for both clients.")
 
-    # compare: the run every other run is compared with (paired differences); default the first.
-    baseline_run: str | None = None
-    # Paired bootstrap resamples and sign-flip permutations per difference, and their seed.
-    n_resamples: int = Field(2000, ge=100)
-    bootstrap_seed: int = 0
+    glm: Literal["length_controlled_v1", "length_controlled_noreg", "length_controlled_minimal"] = Field(
+        "length_controlled_v1", description="score: the length-controlled GLM of alpaca_eval to fit.")
+    instruction_difficulty: str | None = Field(None, description=(
+        "score: AlpacaEval's official instruction_difficulty.csv, when you have it (else the offline estimate)."))
+    df_gamed: str | None = Field(None, description="score: AlpacaEval's official df_gamed.csv, when you have it.")
+    hub_files: bool = Field(True, description=(
+        "score: look for df_gamed.csv / instruction_difficulty.csv through huggingface_hub (cache first; a download "
+        "only when online and HF_HUB_OFFLINE is unset); false: never look."))
+    allow_missing: bool = Field(False, description=(
+        "score: score without rows whose preference is missing/NaN (they are counted) instead of refusing."))
+    lc_min_instructions: int = Field(50, ge=1, description=(
+        "score: with fewer judged instructions, no LC win rate (null, with lc_note saying why)."))
+
+    baseline_run: str | None = Field(None, description=(
+        "compare: the run every other run is compared with (paired differences); None: the first."))
+    n_resamples: int = Field(2000, ge=100, description=(
+        "compare: paired bootstrap resamples and sign-flip permutations per difference."))
+    bootstrap_seed: int = Field(0, description="compare: seed of the bootstrap and the permutations.")

@@ -33,21 +33,25 @@ class ScheduleConfig(StageConfig):
     """`sp2dpo schedule` settings: the β mapping (hashed into the artifact) and the shuffle seed."""
 
     beta0: float = Field(0.1, gt=0, description="Global β of the baseline; the target mean when rescale_mean.")
-    beta_min: float = Field(0.025, gt=0)
-    beta_max: float = Field(0.4, gt=0)
-    category_weights: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
-    # Factor at magnitude 0, 1, 2, 3 (linear in between, for aggregated magnitudes like 2.5).
-    magnitude_factors: list[float] = Field(default_factory=lambda: [0.5, 0.75, 1.0, 1.25])
-    # h(0) = confidence_floor, h(1) = 1: an unsure teacher halves the semantic push, never zeroes it.
-    confidence_floor: float = Field(0.5, ge=0, le=1)
-    rescale_mean: bool = True
-    noise_policy: Literal["min_beta", "drop"] = "min_beta"
-    reversed_policy: Literal["min_beta", "drop", "flip"] = "min_beta"
-    unannotated_policy: Literal["beta0", "drop"] = "beta0"
-    # When rescale_mean cannot bring the mean β of the trained pairs to beta0 (pinned pairs pull it
-    # away): `warn` (recorded in the artifact, warning printed) or `refuse` (no artifact written).
-    on_mean_miss: Literal["warn", "refuse"] = "warn"
-    shuffle_seed: int = 0
+    beta_min: float = Field(0.025, gt=0, description="Least β a pair gets (the clip's lower edge; pinned pairs).")
+    beta_max: float = Field(0.4, gt=0, description="Largest β a pair gets (the clip's upper edge).")
+    category_weights: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_WEIGHTS), description=(
+        "w[category] per semantic category, and `reversed` (used only for flipped pairs)."))
+    magnitude_factors: list[float] = Field(default_factory=lambda: [0.5, 0.75, 1.0, 1.25], description=(
+        "g(m) at magnitude 0, 1, 2, 3, linear in between (for aggregated magnitudes like 2.5)."))
+    confidence_floor: float = Field(0.5, ge=0, le=1, description=(
+        "h(0); h(1) = 1: an unsure teacher halves the semantic push, never zeroes it."))
+    rescale_mean: bool = Field(True, description="Rescale the semantic β so the mean over the trained pairs is beta0.")
+    noise_policy: Literal["min_beta", "drop"] = Field("min_beta", description=(
+        "no_real_difference pairs: β = beta_min, or dropped from training."))
+    reversed_policy: Literal["min_beta", "drop", "flip"] = Field("min_beta", description=(
+        "reversed pairs: β = beta_min, dropped, or flipped (chosen/rejected swapped, β from the formula)."))
+    unannotated_policy: Literal["beta0", "drop"] = Field("beta0", description=(
+        "Pairs with no valid annotation (or an unresolved tie): β = beta0 (standard DPO), or dropped."))
+    on_mean_miss: Literal["warn", "refuse"] = Field("warn", description=(
+        "When rescale_mean cannot bring the mean β to beta0 (pinned pairs pull it away): warn (recorded in the "
+        "artifact) or refuse (no artifact written)."))
+    shuffle_seed: int = Field(0, description="Seed of the permutation of `--control shuffled`.")
 
     @model_validator(mode="after")
     def _check(self) -> ScheduleConfig:

