@@ -17,7 +17,8 @@ from __future__ import annotations
 import os
 import re
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -153,7 +154,8 @@ def stream_annotations(config: AnnotateConfig, pairs_uri: str, todo: list[str]) 
         step = max(1, min(config.ratings_batch_size, -(-table.num_rows // max(1, _cluster_cpus()))))
         blocks = [table.slice(i, step) for i in range(0, table.num_rows, step)]
         ds = ray.data.from_arrow(blocks).map_batches(
-            _ratings, fn_kwargs={"options": config.ratings.model_dump(), "prompt_version": config.resolved_prompt_version},
+            _ratings,
+            fn_kwargs={"options": config.ratings.model_dump(), "prompt_version": config.resolved_prompt_version},
             batch_format="pyarrow", batch_size=None)
     else:
         # One batch per block: a Ray Data task runs its blocks' batches one after another, so

@@ -20,7 +20,7 @@ MAGNITUDE_MIN, MAGNITUDE_MAX = 0, 3
 RATIONALE_MAX_CHARS = 200
 
 
-class Category(str, Enum):
+class Category(str, Enum):  # noqa: UP042 (StrEnum would change str() of a member)
     """Kinds of semantic gap, roughly from the most objective failure to no real difference."""
 
     SAFETY = "safety"  # rejected is harmful, unsafe or enables harm; chosen is not

@@ -28,8 +28,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from sp2dpo.annotate.schema import ANNOTATIONS_SCHEMA
-from sp2dpo.storage import (delete_file, exists, is_file, join_uri, list_files, read_parquet,
-                            read_parquet_schema, remove_stale_tmp, write_parquet)
+from sp2dpo.storage import (
+    delete_file,
+    exists,
+    is_file,
+    join_uri,
+    list_files,
+    read_parquet,
+    read_parquet_schema,
+    remove_stale_tmp,
+    write_parquet,
+)
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -97,17 +106,20 @@ class ShardStore:
     teacher: str
     prompt_version: str
     # Time first (names sort by run), then a random part: two runs in one second never collide.
-    run_id: str = field(default_factory=lambda: time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{uuid.uuid4().hex[:12]}")
+    run_id: str = field(default_factory=lambda: time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+                        + f"-{uuid.uuid4().hex[:12]}")
     seq: int = 0
 
     @property
     def dir(self) -> str:
         return join_uri(self.out, slug(self.teacher), slug(self.prompt_version))
 
-    def _mine(self, table: pa.Table) -> pa.Table:
+    def _mine_mask(self, table: pa.Table) -> pa.ChunkedArray:
         """Rows of this teacher and prompt version (a directory could be shared after slugging)."""
-        mask = pc.and_(pc.equal(table["teacher"], self.teacher), pc.equal(table["prompt_version"], self.prompt_version))
-        return table.filter(mask)
+        return pc.and_(pc.equal(table["teacher"], self.teacher), pc.equal(table["prompt_version"], self.prompt_version))
+
+    def _mine(self, table: pa.Table) -> pa.Table:
+        return table.filter(self._mine_mask(table))
 
     def write(self, table: pa.Table) -> str:
         """Write one shard atomically; returns its path."""
@@ -142,7 +154,7 @@ class ShardStore:
             table = read_parquet(uri).cast(ANNOTATIONS_SCHEMA)
             superseded = pc.and_(
                 pc.and_(pc.equal(table["status"], "failed"), pc.is_in(table["pair_id"], value_set=value_set)),
-                pc.and_(pc.equal(table["teacher"], self.teacher), pc.equal(table["prompt_version"], self.prompt_version)),
+                self._mine_mask(table),
             )
             n = pc.sum(superseded.cast(pa.int64())).as_py() or 0
             if n == 0:

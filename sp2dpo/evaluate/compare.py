@@ -100,7 +100,8 @@ def _markdown(rows: list[dict], base: str) -> str:
                     cells += ["n/a", "n/a", "n/a"]
                     continue
                 noise = " (within noise)" if d["within_noise"] else ""
-                cells += [f"{d['delta']:+.2f}", f"[{d['ci_low']:+.2f}, {d['ci_high']:+.2f}]{noise}", f"{d['p_value']:.3f}" if d["p_value"] >= 0.001 else "<0.001"]
+                p_value = f"{d['p_value']:.3f}" if d["p_value"] >= 0.001 else "<0.001"
+                cells += [f"{d['delta']:+.2f}", f"[{d['ci_low']:+.2f}, {d['ci_high']:+.2f}]{noise}", p_value]
             lines.append(f"| {r['run']} | {r['paired']['n_shared']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

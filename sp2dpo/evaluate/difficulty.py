@@ -92,7 +92,8 @@ def leaderboard_prior(exclude: Iterable[str] = ()) -> tuple[np.ndarray, float]:
 def lc_from_official_weights(difficulty_values: np.ndarray) -> Any:
     """LC win rate every leaderboard model would get from its official weights and these values."""
     j = official_leaderboard().join(official_weights(), how="inner")
-    pred = sigmoid(j["theta"].to_numpy()[:, None] + j["psi"].to_numpy()[:, None] * np.asarray(difficulty_values)[None, :])
+    difficulty = np.asarray(difficulty_values)[None, :]
+    pred = sigmoid(j["theta"].to_numpy()[:, None] + j["psi"].to_numpy()[:, None] * difficulty)
     out = j[["length_controlled_winrate"]].copy()
     out["predicted"] = pred.mean(axis=1) * 100
     return out
@@ -214,8 +215,10 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description="Estimate AlpacaEval instruction difficulty offline.")
     parser.add_argument("annotations", nargs="+",
-                        help="annotations.json(.gz) files of leaderboard models (GPT-4 Turbo judge), or directories holding them")
-    parser.add_argument("--exclude", nargs="*", default=[], help="models to leave out (annotations, weights, leaderboard row)")
+                        help="annotations.json(.gz) files of leaderboard models (GPT-4 Turbo judge), "
+                             "or directories holding them")
+    parser.add_argument("--exclude", nargs="*", default=[],
+                        help="models to leave out (annotations, weights, leaderboard row)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     instructions = [r["instruction"] for r in load_eval_set()]

@@ -118,7 +118,8 @@ def length_controlled_winrate(
     predicted = sigmoid(x_test @ beta)
     out = {
         "lc_win_rate": float(predicted.mean() * 100),
-        "lc_standard_error": float(predicted.std(ddof=1) / np.sqrt(len(predicted)) * 100) if len(predicted) > 1 else float("nan"),
+        "lc_standard_error": (float(predicted.std(ddof=1) / np.sqrt(len(predicted)) * 100) if len(predicted) > 1
+                              else float("nan")),
         "glm": glm,
         "glm_weights": weights,
         "glm_cross_validated": n_splits > 0,

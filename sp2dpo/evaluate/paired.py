@@ -65,7 +65,8 @@ def paired_from_rows(run_a: tuple, run_b: tuple, inputs: dict[str, Any], cfg: Ev
     by_b = {r["instruction"]: r for r in rows_b}
     shared = sorted(set(by_a) & set(by_b), key=inputs["position"].__getitem__)
     if not shared:
-        raise ValueError("the two runs share no judged instruction: a paired comparison needs runs on the same eval set")
+        raise ValueError("the two runs share no judged instruction: "
+                         "a paired comparison needs runs on the same eval set")
     sub_a, sub_b = [by_a[s] for s in shared], [by_b[s] for s in shared]
     wr = (preferences(sub_b) - preferences(sub_a)) * 100
     rng = np.random.default_rng(seed)

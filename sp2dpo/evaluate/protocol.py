@@ -9,7 +9,7 @@ Only modules that import offline are used: the evaluator YAML and prompt are rea
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ def evaluators_dir() -> Path:
     return Path(str(resources.files("alpaca_eval") / "evaluators_configs"))
 
 
-@lru_cache(maxsize=None)
+@cache
 def evaluator_config(annotator: str = DEFAULT_ANNOTATOR) -> dict[str, Any]:
     """The annotator's configs.yaml entry, with `prompt_template` replaced by the template's text."""
     path = evaluators_dir() / annotator / "configs.yaml"
@@ -39,7 +39,8 @@ def evaluator_config(annotator: str = DEFAULT_ANNOTATOR) -> dict[str, Any]:
         raise ValueError(f"unknown AlpacaEval annotator {annotator!r}; the installed alpaca-eval has {known}")
     cfg = dict(yaml.safe_load(path.read_text())[annotator])
     if cfg.get("fn_completion_parser") != "logprob_parser":
-        raise ValueError(f"annotator {annotator!r} does not use the log-prob parser; only weighted (log-prob) judges are supported")
+        raise ValueError(f"annotator {annotator!r} does not use the log-prob parser; "
+                         "only weighted (log-prob) judges are supported")
     cfg["prompt_template"] = (evaluators_dir() / cfg["prompt_template"]).read_text()
     return cfg
 

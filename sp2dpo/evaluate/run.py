@@ -17,12 +17,21 @@ import json
 import math
 import os
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from sp2dpo.evaluate.config import EvaluateConfig
-from sp2dpo.evaluate.protocol import (BASELINE, evaluator_config, is_switched, judge_messages, judge_model_name,
-                                      load_eval_set, parse_preference, read_json_list)
+from sp2dpo.evaluate.protocol import (
+    BASELINE,
+    evaluator_config,
+    is_switched,
+    judge_messages,
+    judge_model_name,
+    load_eval_set,
+    parse_preference,
+    read_json_list,
+)
 from sp2dpo.storage import absolute, join_uri, local_mirror, parent
 
 
@@ -60,7 +69,8 @@ def _run_all(todo: list[Any], call: Callable[[Any], Awaitable[dict]], partial: P
 
     async def main() -> None:
         gate = asyncio.Semaphore(cfg.concurrency)
-        with partial.open("a", encoding="utf-8") as sink, progress_bar(len(todo), description, not show_progress) as bar:
+        with (partial.open("a", encoding="utf-8") as sink,
+              progress_bar(len(todo), description, not show_progress) as bar):
             async def one(item: Any) -> None:
                 async with gate:
                     try:
@@ -95,6 +105,10 @@ def _run_or_raise(todo: list[Any], call: Callable[[Any], Awaitable[dict]], parti
                          f"(first: {errors[0]}); {len(done)} finished {results} are kept in {kept_at}: "
                          "rerun the same command to resume")
     return done, seconds
+
+
+def _write_json_list(path: Path, rows: list[dict]) -> None:
+    path.write_text(json.dumps(rows, ensure_ascii=False, indent=2), encoding="utf-8")
 
 
 def _eval_rows(cfg: EvaluateConfig) -> list[dict]:
@@ -132,12 +146,13 @@ def generate(cfg: EvaluateConfig, show_progress: bool = True) -> dict[str, Any]:
                 max_tokens=cfg.max_tokens, temperature=cfg.temperature)
             # alpaca_eval strips outputs before judging (is_strip_output=True).
             text = (response.choices[0].message.content or "").strip()
-            return {"instruction": row["instruction"], "output": text, "generator": generator, "dataset": row.get("dataset")}
+            return {"instruction": row["instruction"], "output": text, "generator": generator,
+                    "dataset": row.get("dataset")}
 
         done, seconds = _run_or_raise(todo, call, partial, cfg, f"generate {generator}", show_progress, client,
                                       join_uri(out_uri, partial.name), "generation requests", "outputs")
         outputs = [done[r["instruction"]] for r in rows]
-        (Path(local) / "model_outputs.json").write_text(json.dumps(outputs, ensure_ascii=False, indent=2), encoding="utf-8")
+        _write_json_list(Path(local) / "model_outputs.json", outputs)
     return {"model_outputs": join_uri(out_uri, "model_outputs.json"), "generator": generator, "n": len(outputs),
             "generated": len(todo), "resumed": len(rows) - len(todo),
             "avg_length": int(sum(len(o["output"]) for o in outputs) / len(outputs)), "seconds": round(seconds, 2)}
@@ -157,7 +172,8 @@ def load_model_outputs(path: str | Path, eval_rows: list[dict]) -> list[dict]:
         if not isinstance(r, dict) or not isinstance(r.get("instruction"), str) or not isinstance(r.get("output"), str):
             raise ValueError(f"{path}: item {i} needs 'instruction' and 'output' strings")
         if r["instruction"] not in known:
-            raise ValueError(f"{path}: item {i} has an instruction that is not in the eval set: {r['instruction'][:80]!r}")
+            raise ValueError(f"{path}: item {i} has an instruction that is not in the eval set: "
+                             f"{r['instruction'][:80]!r}")
         if r["instruction"] in seen:
             raise ValueError(f"{path}: item {i} repeats an earlier instruction")
         seen.add(r["instruction"])
@@ -188,7 +204,8 @@ def judge(cfg: EvaluateConfig, model_outputs: str, show_progress: bool = True) -
         partial = Path(local) / "annotations.partial.jsonl"
         # A cached judgment counts only for the same output, judge and order seed.
         done = {k: v for k, v in _read_partial(partial).items()
-                if k in wanted and wanted[k] == v.get("output_2") and v.get("annotator") == label and v.get("seed") == cfg.seed}
+                if k in wanted and wanted[k] == v.get("output_2") and v.get("annotator") == label
+                and v.get("seed") == cfg.seed}
         todo = [o for o in outputs if o["instruction"] not in done]
         client = _client(endpoint, cfg.judge_api_key_env, cfg)
 
@@ -197,18 +214,20 @@ def judge(cfg: EvaluateConfig, model_outputs: str, show_progress: bool = True) -
             switched = is_switched(row["instruction"], cfg.seed)
             first, second = (row["output"], ref["output"]) if switched else (ref["output"], row["output"])
             response = await client.chat.completions.create(
-                model=judge_model, messages=judge_messages(row["instruction"], first, second, cfg.annotator), **settings)
+                model=judge_model, messages=judge_messages(row["instruction"], first, second, cfg.annotator),
+                **settings)
             completion = response.choices[0].model_dump()
             preference = parse_preference(completion, switched, cfg.annotator)
-            return {"instruction": row["instruction"], "output_1": ref["output"], "generator_1": ref.get("generator", BASELINE),
-                    "dataset": ref.get("dataset"), "output_2": row["output"], "generator_2": row.get("generator"),
+            return {"instruction": row["instruction"], "output_1": ref["output"],
+                    "generator_1": ref.get("generator", BASELINE), "dataset": ref.get("dataset"),
+                    "output_2": row["output"], "generator_2": row.get("generator"),
                     "annotator": label, "preference": None if math.isnan(preference) else preference,
                     "is_switched_outputs": switched, "seed": cfg.seed, "raw_completion": completion}
 
         cached, seconds = _run_or_raise(todo, call, partial, cfg, f"judge {judge_model}", show_progress, client,
                                         join_uri(out_uri, partial.name), "judge requests", "judgments")
         annotations = [cached[o["instruction"]] for o in outputs]
-        (Path(local) / "annotations.json").write_text(json.dumps(annotations, ensure_ascii=False, indent=2), encoding="utf-8")
+        _write_json_list(Path(local) / "annotations.json", annotations)
     prefs = [a["preference"] for a in annotations if a["preference"] is not None]
     return {"annotations": join_uri(out_uri, "annotations.json"), "annotator": label, "n": len(annotations),
             "judged": len(todo), "resumed": len(outputs) - len(todo), "n_missing": len(annotations) - len(prefs),

@@ -99,7 +99,8 @@ def fit_lc(rows: list[dict], missing: list[dict], inputs: dict[str, Any], glm: s
     if len(rows) < lc_min_instructions:
         return {"lc_win_rate": None, "lc_standard_error": None, "glm": glm, "glm_weights": {},
                 "lc_note": f"not estimated: {len(rows)} judged instructions, fewer than lc_min_instructions="
-                           f"{lc_min_instructions}; the length-controlled GLM cannot be fitted meaningfully at this size"}
+                           f"{lc_min_instructions}; the length-controlled GLM cannot be fitted meaningfully "
+                           "at this size"}
     every = rows + missing
     idx = np.array([inputs["position"][r["instruction"]] for r in every])
     pref = np.concatenate([preferences(rows) - 1.0, np.full(len(missing), np.nan)])
@@ -131,7 +132,8 @@ def summarise(rows: list[dict], missing: list[dict], inputs: dict[str, Any], glm
     annotators = sorted({str(r.get("annotator", "")) for r in rows})
     summary["annotator"] = annotators[0] if len(annotators) == 1 else annotators
     summary["difficulty_source"] = inputs["difficulty_source"]
-    summary["df_gamed_source"] = inputs["df_gamed_source"] if lc.glm_info(glm)["regularize_to_baseline_lambda"] else None
+    regularised = lc.glm_info(glm)["regularize_to_baseline_lambda"]
+    summary["df_gamed_source"] = inputs["df_gamed_source"] if regularised else None
     # The leaderboard's numbers come from its own judge against its own baseline, on all 805.
     n_eval = inputs["n_eval"]
     summary["comparable_with_leaderboard"] = bool(

@@ -21,7 +21,8 @@ import json
 import logging
 import re
 import time
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -135,8 +136,8 @@ api = FastAPI(title="sp2dpo OpenAI-compatible API", docs_url=None, redoc_url=Non
 
 @api.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    return JSONResponse(error_body(str(exc.detail), "invalid_request_error", None, "not_found" if exc.status_code == 404 else None),
-                        status_code=exc.status_code)
+    code = "not_found" if exc.status_code == 404 else None
+    return JSONResponse(error_body(str(exc.detail), "invalid_request_error", None, code), status_code=exc.status_code)
 
 
 @api.exception_handler(APIError)

@@ -15,9 +15,10 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, AsyncIterator
+from typing import Any
 
 from sp2dpo.serve.protocol import (
     ChatCompletionRequest,
@@ -182,7 +183,8 @@ class OpenAIModel:
             choice = {
                 "index": 0,
                 "message": {"role": "assistant", "content": "".join(p.text for p in pieces)},
-                "logprobs": {"content": [e for p in pieces for e in p.logprobs]} if opts.top_logprobs is not None else None,
+                "logprobs": ({"content": [e for p in pieces for e in p.logprobs]} if opts.top_logprobs is not None
+                             else None),
                 "finish_reason": pieces[-1].finish_reason,
             }
             return self._envelope("chat.completion", "chatcmpl", [choice],
@@ -225,7 +227,8 @@ class OpenAIModel:
             return body
 
         if chat:
-            yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
+            yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None}])
         async for piece in self.generate(prompt_ids, opts, max_tokens):
             if not piece.text and not piece.logprobs and piece.finish_reason is None:
                 continue

@@ -148,7 +148,8 @@ def chat_messages(req: ChatCompletionRequest) -> list[dict[str, str]]:
             texts = []
             for part in content:
                 if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    raise bad_request(f"messages[{i}]: only text content parts are supported", param=f"messages.{i}.content")
+                    raise bad_request(f"messages[{i}]: only text content parts are supported",
+                                      param=f"messages.{i}.content")
                 texts.append(part["text"])
             content = "".join(texts)
         messages.append({"role": message.role, "content": content or ""})

@@ -70,7 +70,8 @@ def check_model_paths(cfg: ServeConfig) -> None:
     for m in cfg.models:
         if m.path and (storage.is_uri(m.path) or m.path.startswith((".", "/", "~")) or os.sep in m.path):
             if not storage.is_file(storage.join_uri(m.path, "config.json")):
-                raise FileNotFoundError(f"model {m.id!r}: no Hugging Face model directory at {m.path} (config.json missing)")
+                raise FileNotFoundError(f"model {m.id!r}: no Hugging Face model directory at {m.path} "
+                                        "(config.json missing)")
 
 
 def _serve_running() -> bool:
