@@ -183,7 +183,7 @@ OURS_CHILD = r"""
 import json, sys
 from sp2dpo.train.trainer import TrainConfig, train
 a = json.loads(sys.argv[1])
-cfg = TrainConfig(artifact=a["artifact"], pairs=a["pairs"], model=a["model"], output_dir=a["out"], strategy="torch",
+cfg = TrainConfig(artifact=a["artifact"], pairs=a["pairs"], model=a["model"], out=a["out"], strategy="torch",
                   max_length=512, micro_batch_size=a["batch"], max_steps=a["steps"], learning_rate=1e-6, checkpoint_every=10**6,
                   tensorboard=False, compute_reference=False, use_gpu=a["device"] == "cuda", gradient_checkpointing=a["checkpointing"],
                   shared_prompt=a["shared_prompt"], **a["extra"])

@@ -1,4 +1,5 @@
-"""Small helpers shared by every stage: JSON summaries, progress bars, connecting to Ray.
+"""Small helpers shared by every stage: JSON summaries, progress bars, nested-dict merges,
+connecting to Ray.
 
 Reading and writing files or object-store URIs is `sp2dpo.storage`."""
 
@@ -15,6 +16,15 @@ def print_json_summary(summary: dict[str, Any]) -> None:
     """The machine-readable summary every `--json` command prints as its last stdout line."""
     sys.stdout.flush()
     print(json.dumps(summary, sort_keys=True, default=str), flush=True)
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `override` applied: nested mappings merge key by key, anything else replaces."""
+    merged = dict(base)
+    for key, value in override.items():
+        nested = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = deep_merge(merged[key], value) if nested else value
+    return merged
 
 
 @contextmanager

@@ -40,7 +40,7 @@ def test_two_workers_deepspeed_zero2_killed_worker_resumes(sample_with_ref, tiny
     pairs, artifact = sample_with_ref
     marker = tmp_path / "killed_once"
     cfg = TrainConfig(
-        artifact=artifact, pairs=pairs, model=str(tiny_model_dir), output_dir=str(tmp_path / "run"),
+        artifact=artifact, pairs=pairs, model=str(tiny_model_dir), out=str(tmp_path / "run"),
         num_workers=2, strategy="deepspeed", zero_stage=2, max_length=256, learning_rate=2e-3,
         micro_batch_size=2, epochs=3, checkpoint_every=3, max_failures=2, compute_reference=False,
         # Worker 1 dies abruptly before step 5: the last checkpoint is step 3.
@@ -66,8 +66,8 @@ def test_resumed_run_matches_uninterrupted_run(sample_with_ref, tiny_model_dir, 
     common = dict(artifact=artifact, pairs=pairs, model=str(tiny_model_dir), num_workers=1, strategy="torch",
                   max_length=256, learning_rate=2e-3, micro_batch_size=2, max_steps=6, checkpoint_every=2,
                   compute_reference=False)
-    clean = train(TrainConfig(output_dir=str(tmp_path / "clean"), **common), show_progress=False)
-    killed = train(TrainConfig(output_dir=str(tmp_path / "killed"),
+    clean = train(TrainConfig(out=str(tmp_path / "clean"), **common), show_progress=False)
+    killed = train(TrainConfig(out=str(tmp_path / "killed"),
                                fault_injection={"step": 3, "marker": str(tmp_path / "m")}, **common),
                    show_progress=False)
     assert killed["resumed_from_steps"] == [2]
@@ -82,7 +82,7 @@ def test_gpu_deepspeed_zero3_bf16_saves_gathered_model(sample_with_ref, tiny_mod
 
     pairs, artifact = sample_with_ref
     n_gpus = torch.cuda.device_count()
-    cfg = TrainConfig(artifact=artifact, pairs=pairs, model=str(tiny_model_dir), output_dir=str(tmp_path / "run"),
+    cfg = TrainConfig(artifact=artifact, pairs=pairs, model=str(tiny_model_dir), out=str(tmp_path / "run"),
                       num_workers=n_gpus, use_gpu=True, strategy="deepspeed", zero_stage=3, dtype="bfloat16",
                       max_length=256, learning_rate=2e-3, micro_batch_size=2, max_steps=4, compute_reference=False)
     summary = train(cfg, show_progress=False)

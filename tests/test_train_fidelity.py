@@ -26,7 +26,7 @@ def sample(tmp_path_factory):
 def _cfg(model, pairs, artifact, out, **kw):
     from sp2dpo.train.config import TrainConfig
 
-    base = {"artifact": artifact, "pairs": pairs, "model": str(model), "output_dir": str(out), "strategy": "torch",
+    base = {"artifact": artifact, "pairs": pairs, "model": str(model), "out": str(out), "strategy": "torch",
             "max_length": 256, "micro_batch_size": 2, "compute_reference": False}
     return TrainConfig(**{**base, **kw})
 

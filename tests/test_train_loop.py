@@ -26,7 +26,7 @@ def sample_with_ref(tmp_path_factory, tiny_model_dir):
 def _cfg(tiny_model_dir, pairs, artifact, out, **kw):
     from sp2dpo.train.config import TrainConfig
 
-    base = dict(artifact=artifact, pairs=pairs, model=str(tiny_model_dir), output_dir=str(out), strategy="torch",
+    base = dict(artifact=artifact, pairs=pairs, model=str(tiny_model_dir), out=str(out), strategy="torch",
                 max_length=256, learning_rate=2e-3, micro_batch_size=2, checkpoint_every=4, compute_reference=False)
     return TrainConfig(**{**base, **kw})
 
@@ -114,6 +114,21 @@ def test_config_refuses_bf16_on_cpu():
     with pytest.raises(ValidationError, match="use_gpu"):
         TrainConfig(dtype="bfloat16")
     assert TrainConfig(dtype="bfloat16", use_gpu=True).dtype == "bfloat16"
+
+
+def test_config_fields_are_described_and_output_dir_is_read_as_out():
+    from typer.testing import CliRunner
+
+    from sp2dpo.cli import app
+    from sp2dpo.train.config import TrainConfig
+
+    assert [name for name, f in TrainConfig.model_fields.items() if not f.description] == []
+    with pytest.warns(DeprecationWarning, match="use `out`"):
+        old = TrainConfig.model_validate({"output_dir": "runs/old"})
+    assert old.out == "runs/old" and "output_dir" not in old.model_dump()
+    assert TrainConfig.model_validate(old.model_dump()).out == "runs/old"
+    help_text = CliRunner().invoke(app, ["train", "--help"]).output
+    assert "--out" in help_text and "--output-dir" not in help_text  # a hidden alias
 
 
 def _strategy_steps(tiny_model_dir, ref_artifact, pairs, cfg, steps, start=0, checkpoint_in=None, checkpoint_out=None):

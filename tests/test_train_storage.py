@@ -47,7 +47,7 @@ def test_reference_pass_and_training_read_and_write_object_storage(s3, inputs_on
 
     out = storage.join_uri(inputs_on_s3["root"], "run")
     cfg = TrainConfig(artifact=inputs_on_s3["artifact"], pairs=inputs_on_s3["pairs"], model=inputs_on_s3["model"],
-                      output_dir=out, strategy="torch", max_length=256, learning_rate=2e-3, micro_batch_size=2,
+                      out=out, strategy="torch", max_length=256, learning_rate=2e-3, micro_batch_size=2,
                       max_steps=4, checkpoint_every=2, compute_reference=True)
     summary = train(cfg, show_progress=False)
     assert summary["steps"] == 4 and summary["artifact"] == storage.join_uri(out, "beta_ref.parquet")
@@ -138,11 +138,11 @@ def test_killed_zero2_worker_resumes_from_s3_fetching_only_its_shards(s3, tiny_m
     common = dict(artifact=artifact, pairs=pairs, model=str(tiny_model_dir), num_workers=2, strategy="deepspeed",
                   zero_stage=2, max_length=256, learning_rate=2e-3, micro_batch_size=2, max_steps=6,
                   checkpoint_every=2, max_failures=2, compute_reference=False)
-    clean = train(TrainConfig(output_dir=str(tmp_path / "clean"), **common), show_progress=False)
+    clean = train(TrainConfig(out=str(tmp_path / "clean"), **common), show_progress=False)
     root = s3.new_prefix("killed")
     out, checkpoints = storage.join_uri(root, "run"), storage.join_uri(root, "checkpoints")
     marker = tmp_path / "killed_once"
-    killed = train(TrainConfig(output_dir=out, storage_path=checkpoints,
+    killed = train(TrainConfig(out=out, storage_path=checkpoints,
                                fault_injection={"step": 3, "rank": 1, "marker": str(marker)}, **common),
                    show_progress=False)
     assert marker.exists() and killed["resumed_from_steps"] == [2] and clean["resumed_from_steps"] == []

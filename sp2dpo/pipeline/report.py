@@ -31,7 +31,7 @@ def collect(config: Any, sd: Any) -> dict[str, Any]:
     from sp2dpo.storage import read_sp2dpo_metadata
 
     cfg = sd.config
-    train_cfg = load_object("sp2dpo.train.trainer:TrainConfig").model_validate(config.train)
+    train_cfg = load_object("sp2dpo.train.config:TrainConfig").model_validate(config.train)
     arms: list[Arm] = grid_arms(config)
     rows = []
     for arm in arms:

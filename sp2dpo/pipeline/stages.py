@@ -22,18 +22,11 @@ from typing import Any
 from sp2dpo.pipeline.config import PipelineConfig
 from sp2dpo.pipeline.runner import Stage, StageDir, load_object
 from sp2dpo.storage import write_json, write_parquet
+from sp2dpo.utils import deep_merge
 
-TRAIN_CONFIG = "sp2dpo.train.trainer:TrainConfig"
+TRAIN_CONFIG = "sp2dpo.train.config:TrainConfig"
 EVALUATE_CONFIG = "sp2dpo.evaluate.config:EvaluateConfig"
 RUN_LABELS = {"base": "base", "semantic": "sp2dpo", "global": "dpo-global", "shuffled": "shuffled-beta"}
-
-
-def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in override.items():
-        nested = isinstance(value, dict) and isinstance(merged.get(key), dict)
-        merged[key] = deep_merge(merged[key], value) if nested else value
-    return merged
 
 
 def with_paths(cfg: Any, **paths: Any) -> Any:
@@ -114,7 +107,7 @@ def run_train(config: PipelineConfig, sd: StageDir) -> dict[str, Any]:
     reference = sd.params.get("reference_stage", "reference")
     arm = {k: sd.params[k] for k in ("model", "seed") if k in sd.params}
     return train(with_paths(sd.config, artifact=sd.input_path(reference, f"beta-{artifact}.parquet"),
-                            pairs=sd.input_path("data", "pairs.parquet"), output_dir=sd.path,
+                            pairs=sd.input_path("data", "pairs.parquet"), out=sd.path,
                             name=f"sp2dpo-{sd.name}", compute_reference=False, **arm))
 
 
@@ -202,7 +195,7 @@ def default_stages(config: PipelineConfig) -> list[Stage]:
     for control in config.controls:
         stages.append(Stage(f"train-{control}", run_train, "train", TRAIN_CONFIG, ("data", "reference"),
                             {"control": control},
-                            path_fields=("artifact", "pairs", "output_dir", "name", "storage_path", "compute_reference"),
+                            path_fields=("artifact", "pairs", "out", "name", "storage_path", "compute_reference"),
                             description=f"train the {control} student"))
     stages.append(Stage("evaluate", run_evaluate, "evaluate", EVALUATE_CONFIG, tuple(f"train-{c}" for c in config.controls),
                         {"serve": config.serve, "base_model": train.model, "judge_model": config.judge_model,
@@ -247,7 +240,7 @@ def grid_stages(config: PipelineConfig) -> list[Stage]:
             arm.train_stage, run_train, "train", TRAIN_CONFIG, ("data", f"reference-{arm.student}"),
             {"control": arm.control, "artifact": arm.artifact, "reference_stage": f"reference-{arm.student}",
              "model": arm.model, "seed": arm.seed},
-            path_fields=("artifact", "pairs", "output_dir", "name", "storage_path", "compute_reference", "model", "seed"),
+            path_fields=("artifact", "pairs", "out", "name", "storage_path", "compute_reference", "model", "seed"),
             description=f"train {arm.student} {arm.arm} seed {arm.seed}"))
     for student in config.students:
         own = [a for a in arms if a.student == student.name]

@@ -22,17 +22,19 @@ def train_cmd(
     artifact: str = typer.Option(None, help="β artifact (Parquet), ideally with reference log-probs."),
     pairs: str = typer.Option(None, help="Pairs table the artifact was built for."),
     model: str = typer.Option(None, help="Student to start from: a local HF dir or `smollm2`."),
-    output_dir: str = typer.Option(None, "--output-dir", "-o", help="Where the model, summary, curves and logs go."),
+    out: str = typer.Option(None, "--out", "-o", help="Where the model, summary, curves and logs go."),
+    output_dir: str = typer.Option(None, "--output-dir", hidden=True, help="Deprecated name of --out."),
     num_workers: int = typer.Option(None, help="Ray Train workers."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Train with β_i read per pair: `sp2dpo train --config train.yaml`."""
     if ctx.invoked_subcommand is not None:
         return
-    from sp2dpo.train.trainer import TrainConfig, train
+    from sp2dpo.train.config import TrainConfig
+    from sp2dpo.train.trainer import train
 
     cfg = build_config(TrainConfig, config, overrides, "train", artifact=artifact, pairs=pairs, model=model,
-                       output_dir=output_dir, num_workers=num_workers)
+                       out=out or output_dir, num_workers=num_workers)
     run_and_report(lambda: train(cfg, show_progress=not as_json), as_json, "train")
 
 

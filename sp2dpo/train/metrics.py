@@ -105,7 +105,7 @@ def training_summary(cfg: TrainConfig, state: dict, run: MetricSums, categories:
         "resumed_from_steps": state["resumed_from"],
         "peak_rss_mb_rank0": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "peak_cuda_mb_rank0": _peak_cuda_mb() if cfg.use_gpu else None,
-        "model_dir": join_uri(cfg.output_dir, "model"),
+        "model_dir": join_uri(cfg.out, "model"),
         "config_hash": cfg.config_hash(),
     }
 

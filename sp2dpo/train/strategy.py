@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from sp2dpo.utils import deep_merge
+
 
 def warmup_steps(cfg: Any, total_steps: int) -> int:
     """Warm-up length as `TrainingArguments.get_warmup_steps` computes it: `warmup_steps`, or
@@ -62,14 +64,7 @@ def deepspeed_config(cfg: Any, world_size: int) -> dict[str, Any]:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    return _merge(config, cfg.deepspeed_config)
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for key, value in (extra or {}).items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
+    return deep_merge(config, cfg.deepspeed_config)
 
 
 class InBackwardAdamW:

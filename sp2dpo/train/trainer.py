@@ -25,7 +25,7 @@ resumes from the last checkpoint: model, optimizer and scheduler state, the step
 history. The data order is a pure function of (seed, epoch, step), so the resumed run sees the
 same batches the uninterrupted run would have.
 
-Outputs in `output_dir`: `model/` (HF safetensors + tokenizer; ZeRO-3 weights gathered on rank 0),
+Outputs in `out`: `model/` (HF safetensors + tokenizer; ZeRO-3 weights gathered on rank 0),
 `training_summary.json`, `metrics.jsonl`, `training_curves.png`, `tensorboard/`.
 """
 
@@ -130,7 +130,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         run_totals.by_category = torch.tensor(state["totals"]["by_category"], dtype=torch.float64)
 
     # Libraries write plain files: on object storage the outputs are made here and uploaded at the end.
-    local_out = tempfile.mkdtemp(prefix="sp2dpo-out-") if is_uri(cfg.output_dir) else cfg.output_dir
+    local_out = tempfile.mkdtemp(prefix="sp2dpo-out-") if is_uri(cfg.out) else cfg.out
     loggers = Loggers(cfg, local_out) if rank == 0 else None
     strategy.model.train()
     window = MetricSums(len(categories))
@@ -181,12 +181,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         write_outputs(local_out, state["history"])
         if loggers:
             loggers.close()
-        if local_out != cfg.output_dir:
-            upload_dir(local_out, cfg.output_dir)
+        if local_out != cfg.out:
+            upload_dir(local_out, cfg.out)
         # Written last: a run's outputs are complete once its summary is there.
-        write_json(join_uri(cfg.output_dir, "training_summary.json"),
+        write_json(join_uri(cfg.out, "training_summary.json"),
                    training_summary(cfg, state, run_totals, categories, plan, world))
-    if local_out != cfg.output_dir:
+    if local_out != cfg.out:
         shutil.rmtree(local_out, ignore_errors=True)
 
 
@@ -241,7 +241,7 @@ def reference_config(cfg: TrainConfig) -> Any:
     """The reference pass `sp2dpo train` runs itself: training's reference model, max_length,
     dtype and batch layout, so the stored log-probs are what the policy computes at step 0."""
     return ReferenceConfig(artifact=cfg.artifact, pairs=cfg.pairs, model=cfg.reference_id(), max_length=cfg.max_length,
-                           dtype=cfg.dtype, out=join_uri(cfg.output_dir, "beta_ref.parquet"),
+                           dtype=cfg.dtype, out=join_uri(cfg.out, "beta_ref.parquet"),
                            engine="ray" if (cfg.num_workers > 1 or cfg.use_gpu) else "local",
                            num_workers=cfg.num_workers, num_gpus=1.0 if cfg.use_gpu else 0.0,
                            shared_prompt=cfg.shared_prompt)
@@ -267,12 +267,13 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> dict[str, Any]:
     """Run training on Ray Train; return the training summary."""
     t0 = time.perf_counter()
     # Ray Train workers run in their own working directory: local paths must be absolute.
-    local = {k: absolute(v) for k in ("artifact", "pairs", "output_dir", "model", "reference_model")
-             if (v := getattr(cfg, k)) and not is_uri(v) and (k in ("artifact", "pairs", "output_dir") or os.path.exists(v))}
+    paths = ("artifact", "pairs", "out")
+    local = {k: absolute(v) for k in (*paths, "model", "reference_model")
+             if (v := getattr(cfg, k)) and not is_uri(v) and (k in paths or os.path.exists(v))}
     cfg = cfg.model_copy(update=local)
     cfg = prepare_artifact(cfg, show_progress)
     init_ray()
-    storage = absolute(cfg.storage_path or join_uri(cfg.output_dir, "ray"))
+    storage = absolute(cfg.storage_path or join_uri(cfg.out, "ray"))
     # Hub access is the cluster's setting: pass the driver's choice through, never force one.
     env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") if k in os.environ}
     env["TOKENIZERS_PARALLELISM"] = "false"
@@ -292,11 +293,11 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> dict[str, Any]:
     result = trainer.fit()
     if result.error:
         raise RuntimeError(f"training failed: {result.error}")
-    summary = read_json(join_uri(cfg.output_dir, "training_summary.json"))
+    summary = read_json(join_uri(cfg.out, "training_summary.json"))
     checkpoint = result.checkpoint.path if result.checkpoint else None
     if checkpoint and is_uri(storage):  # pyarrow paths carry no scheme
         checkpoint = f"{storage.split('://', 1)[0]}://{checkpoint}"
     summary.update({"artifact": cfg.artifact, "reference": read_sp2dpo_metadata(cfg.artifact).get("reference"),
                     "checkpoint": checkpoint,
-                    "output_dir": cfg.output_dir, "wall_seconds": round(time.perf_counter() - t0, 2)})
+                    "out": cfg.out, "wall_seconds": round(time.perf_counter() - t0, 2)})
     return summary
