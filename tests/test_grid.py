@@ -220,3 +220,28 @@ def check_comparison(compare_dir: Path) -> None:
             assert "lc_win_rate" in d
     md = (compare_dir / "comparison.md").read_text()
     assert "★" in md and "Paired differences" in md and "Cost and provenance" in md
+
+
+def test_the_single_student_comparison_reports_each_arms_achieved_mean_beta(tmp_path):
+    """Without `students`, compare reads each control's artifact and puts its achieved mean β in
+    the row and a `mean β` column; runs without one (base) show n/a."""
+    from test_evaluate_score import MODELS, annotations_path
+
+    from sp2dpo.evaluate.compare import compare
+    from sp2dpo.evaluate.config import EvaluateConfig
+
+    runs = [f"base={annotations_path(MODELS[0])}", f"sp2dpo={annotations_path(MODELS[1])}"]
+    compare(runs, EvaluateConfig(out=str(tmp_path)), run_details={"sp2dpo": {"mean_beta": 0.0625,
+                                                                              "target_mean_beta": 0.1}})
+    rows = {r["run"]: r for r in json.loads((tmp_path / "comparison.json").read_text())}
+    assert rows["sp2dpo"]["mean_beta"] == 0.0625 and rows["sp2dpo"]["target_mean_beta"] == 0.1
+    assert "mean_beta" not in rows["base"]
+    table = (tmp_path / "comparison.md").read_text().splitlines()
+    assert "mean β" in table[0]
+    assert "| 0.0625 |" in next(line for line in table if line.startswith("| sp2dpo |"))
+    assert "| n/a |" in next(line for line in table if line.startswith("| base |"))
+
+
+def test_the_single_student_compare_stage_reads_the_reference_artifacts():
+    stages = {s.name: s for s in default_stages(PipelineConfig())}
+    assert "reference" in stages["compare"].inputs

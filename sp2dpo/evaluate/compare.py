@@ -25,9 +25,10 @@ def _resolve(run: str) -> tuple[str, str]:
     return name, resolve_annotations(path)
 
 
-def compare(runs: list[str], cfg: EvaluateConfig) -> dict[str, Any]:
+def compare(runs: list[str], cfg: EvaluateConfig, run_details: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Score every run; then each run against the baseline run (`baseline_run`, default the
-    first): paired ΔWR and ΔLC on the instructions both judged (sp2dpo.evaluate.paired)."""
+    first): paired ΔWR and ΔLC on the instructions both judged (sp2dpo.evaluate.paired).
+    `run_details` adds fields to a run's row by name; a `mean_beta` among them gets a column."""
     if not runs:
         raise ValueError("give at least one run (NAME=DIR or DIR holding annotations.json)")
     out_uri = storage.absolute(cfg.out or ".")
@@ -45,6 +46,7 @@ def compare(runs: list[str], cfg: EvaluateConfig) -> dict[str, Any]:
                      "avg_length": s["avg_length"], "n": s["n"], "n_missing": s["n_missing"],
                      "annotator": s["annotator"], "comparable_with_leaderboard": s["comparable_with_leaderboard"],
                      "difficulty_source": s["difficulty_source"]})
+        rows[-1].update((run_details or {}).get(rows[-1]["run"], {}))
     names = [r["run"] for r in rows]
     if len(set(names)) != len(names):
         raise ValueError(f"run names must be unique, got {names}: name them NAME=DIR")
@@ -75,8 +77,9 @@ def _num(value: float | None, fmt: str = ".2f") -> str:
 
 
 def _markdown(rows: list[dict], base: str) -> str:
-    lines = ["| run | WR (%) | ± SE | LC WR (%) | ± SE | avg length | n | judge |",
-             "|---|---:|---:|---:|---:|---:|---:|---|"]
+    with_beta = any("mean_beta" in r for r in rows)
+    lines = ["| run | WR (%) | ± SE | LC WR (%) | ± SE | avg length | n |" + (" mean β |" if with_beta else "") + " judge |",
+             "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if with_beta else "") + "---|"]
     notes = []
     for r in rows:
         judge = r["annotator"] if r["comparable_with_leaderboard"] else f"{r['annotator']} (not leaderboard-comparable)"
@@ -84,8 +87,9 @@ def _markdown(rows: list[dict], base: str) -> str:
         if r["lc_win_rate"] is None:
             lc = f"n/a [{len(notes) + 1}]"
             notes.append(r["lc_note"])
+        beta = f" {_num(r.get('mean_beta'), '.4f')} |" if with_beta else ""
         lines.append(f"| {r['run']} | {r['win_rate']:.2f} | {r['standard_error']:.2f} | {lc} | "
-                     f"{_num(r['lc_standard_error'])} | {r['avg_length']} | {r['n']} | {judge} |")
+                     f"{_num(r['lc_standard_error'])} | {r['avg_length']} | {r['n']} |{beta} {judge} |")
     lines += [f"\n[{i}] LC win rate {note}" for i, note in enumerate(notes, 1)]
     paired = [r for r in rows if r["paired"]]
     if paired:

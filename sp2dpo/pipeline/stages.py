@@ -21,7 +21,7 @@ from typing import Any
 
 from sp2dpo.pipeline.config import PipelineConfig
 from sp2dpo.pipeline.runner import Stage, StageDir, load_object
-from sp2dpo.storage import write_json, write_parquet
+from sp2dpo.storage import read_sp2dpo_metadata, write_json, write_parquet
 from sp2dpo.utils import deep_merge
 
 TRAIN_CONFIG = "sp2dpo.train.config:TrainConfig"
@@ -165,7 +165,14 @@ def run_evaluate(config: PipelineConfig, sd: StageDir) -> dict[str, Any]:
 def run_compare(config: PipelineConfig, sd: StageDir) -> dict[str, Any]:
     compare = load_object("sp2dpo.evaluate.compare:compare")
     runs = (["base"] if config.evaluate_base else []) + list(config.controls)
-    return compare([f"{RUN_LABELS[r]}={sd.input_path('evaluate', r)}" for r in runs], with_paths(sd.config, out=sd.path))
+    # Each arm's achieved mean β next to its scores: a global or shuffled arm whose mean missed
+    # the semantic arm's would not be a like-for-like control.
+    details = {}
+    for control in config.controls:
+        stats = read_sp2dpo_metadata(sd.input_path("reference", f"beta-{control}.parquet")).get("beta_stats") or {}
+        details[RUN_LABELS[control]] = {"mean_beta": stats.get("mean"), "target_mean_beta": stats.get("target_mean")}
+    return compare([f"{RUN_LABELS[r]}={sd.input_path('evaluate', r)}" for r in runs], with_paths(sd.config, out=sd.path),
+                   run_details=details)
 
 
 def _input_stages(config: PipelineConfig) -> list[Stage]:
@@ -201,7 +208,8 @@ def default_stages(config: PipelineConfig) -> list[Stage]:
                         {"serve": config.serve, "base_model": train.model, "judge_model": config.judge_model,
                          "evaluate_base": config.evaluate_base, "controls": list(config.controls)},
                         path_fields=eval_paths, description="serve base + students + judge; generate, judge, score"))
-    stages.append(Stage("compare", run_compare, "evaluate", EVALUATE_CONFIG, ("evaluate",), path_fields=eval_paths,
+    stages.append(Stage("compare", run_compare, "evaluate", EVALUATE_CONFIG, ("evaluate", "reference"),
+                        path_fields=eval_paths,
                         description="comparison table and chart"))
     return stages
 
