@@ -13,4 +13,5 @@ def annotation_table(**columns: list) -> pa.Table:
     unknown = set(columns) - set(ANNOTATIONS_SCHEMA.names)
     if unknown:
         raise ValueError(f"not annotation columns: {sorted(unknown)}")
-    return pa.table({name: columns.get(name, [None] * n) for name in ANNOTATIONS_SCHEMA.names}, schema=ANNOTATIONS_SCHEMA)
+    table = {name: columns.get(name, [None] * n) for name in ANNOTATIONS_SCHEMA.names}
+    return pa.table(table, schema=ANNOTATIONS_SCHEMA)

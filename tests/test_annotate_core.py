@@ -29,7 +29,8 @@ def test_strict_json_is_ok():
 @pytest.mark.parametrize("text, repair", [
     ("```json\n" + json.dumps(GOOD) + "\n```", "code fence"),
     ("Sure! Here is my annotation: " + json.dumps(GOOD) + " Hope this helps {really}.", "surrounding text"),
-    ("{'category': 'factuality', 'magnitude': 2, 'confidence': 0.8, 'rationale': \"B's date is wrong\"}", "single quotes"),
+    ("{'category': 'factuality', 'magnitude': 2, 'confidence': 0.8, 'rationale': \"B's date is wrong\"}",
+     "single quotes"),
     ('{"category": "factuality", "magnitude": 2, "confidence": 0.8, "rationale": "x",}', "trailing comma"),
     ('{"category": "Factuality", "magnitude": 2, "confidence": 0.8, "rationale": "x"}', "read as"),
     ('{"category": "factuality", "magnitude": "2", "confidence": 0.8, "rationale": "x"}', "as a string"),
@@ -45,7 +46,8 @@ def test_near_json_is_repaired_and_flagged(text, repair):
 
 
 def test_over_long_rationale_is_cut_and_fractional_magnitude_rounded():
-    p = parse_annotation('{"category": "instruction following", "magnitude": 3, "confidence": 1, "rationale": "' + "y" * 300 + '"}')
+    p = parse_annotation('{"category": "instruction following", "magnitude": 3, "confidence": 1, "rationale": "'
+                         + "y" * 300 + '"}')
     assert p.status == "repaired"
     assert (p.category, p.magnitude, p.confidence, len(p.rationale)) == ("instruction_following", 3, 1.0, 200)
     assert "rationale cut to 200 characters" in p.repairs
@@ -107,8 +109,8 @@ def test_parser_never_raises_on_garbage():
 
 def _scores(chosen, rejected):
     n = len(chosen)
-    return pa.table({"pair_id": [f"p{i}" for i in range(n)],
-                     "score_chosen": pa.array(chosen, pa.float64()), "score_rejected": pa.array(rejected, pa.float64())})
+    return pa.table({"pair_id": [f"p{i}" for i in range(n)], "score_chosen": pa.array(chosen, pa.float64()),
+                     "score_rejected": pa.array(rejected, pa.float64())})
 
 
 def test_ratings_teacher_maps_score_gaps():
@@ -159,7 +161,8 @@ def test_prompt_versions_present_both_orders_and_map_back():
     assert sw.index("It is 5.") < sw.index("It is 4.") and "preferred Response B" in sw
     assert all(f'"{c}"' in v1 for c in CATEGORIES) and '"rationale"' in v1 and "at most 200 characters" in v1
     # Under v1-swapped the chosen answer is B: the stored rationale is rewritten to A = chosen.
-    assert map_back("Response B is correct; Response A says 5.", "v1-swapped") == "Response A is correct; Response B says 5."
+    mapped = map_back("Response B is correct; Response A says 5.", "v1-swapped")
+    assert mapped == "Response A is correct; Response B says 5."
     assert map_back("Response B is correct.", "v1") == "Response B is correct."
     multi = dict(PAIR, prompt_messages=json.dumps([{"role": "system", "content": "Be terse."},
                                                    {"role": "user", "content": "What is 2+2?"}]))
@@ -270,8 +273,8 @@ def test_a_response_cannot_guess_its_own_fence():
 
 def test_unfenced_v1_keeps_its_text():
     content = build_messages(PAIR, "v1")[1]["content"]
-    assert content.startswith("### User prompt\nWhat is 2+2?\n\n### Response A\nIt is 4.\n\n### Response B\nIt is 5.\n\n"
-                              "The raters preferred Response A.")
+    assert content.startswith("### User prompt\nWhat is 2+2?\n\n### Response A\nIt is 4.\n\n"
+                              "### Response B\nIt is 5.\n\nThe raters preferred Response A.")
     assert "<<<" not in content
 
 

@@ -46,7 +46,8 @@ def build_app(mode: str, api_key: str | None = None, slow_s: float = 3.0):
     holder: dict = {}
 
     def completion(text: str, prompt_tokens: int, completion_tokens: int, model: str) -> dict:
-        return {"id": f"cmpl-{state['requests']}", "object": "chat.completion", "created": int(time.time()), "model": model,
+        return {"id": f"cmpl-{state['requests']}", "object": "chat.completion", "created": int(time.time()),
+                "model": model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                           "total_tokens": prompt_tokens + completion_tokens}}
@@ -106,7 +107,8 @@ def build_app(mode: str, api_key: str | None = None, slow_s: float = 3.0):
             if fault == "junk":
                 return completion("Both answers look fine to me, hard to say.", 100, 10, body["model"])
             if fault == "fenced":
-                return completion("Here you go:\n```json\n" + json.dumps(GOOD) + "\n```\nThanks!", 100, 30, body["model"])
+                fenced = "Here you go:\n```json\n" + json.dumps(GOOD) + "\n```\nThanks!"
+                return completion(fenced, 100, 30, body["model"])
             if fault == "flaky500" and n <= 2:
                 return JSONResponse({"error": {"message": "overloaded"}}, status_code=500)
             if fault == "always500":
@@ -165,7 +167,8 @@ def smollm2_server(smollm2_dir):
 
 # ----------------------------------------------------------------------------- tests
 
-FAULTS = ["ok", "junk", "fenced", "flaky500", "always500", "ratelimit", "bad-request", "html", "slow-once", "always-slow"]
+FAULTS = ["ok", "junk", "fenced", "flaky500", "always500", "ratelimit", "bad-request", "html", "slow-once",
+          "always-slow"]
 
 
 def _pairs(path: Path, faults: list[str]) -> str:
@@ -225,7 +228,8 @@ def test_faulty_server_through_ray_never_crashes(ray_local, faulty_server, tmp_p
     assert time.time() - t0 < 120
 
     # --retry-failed asks the five failed pairs again and nothing else.
-    again = annotate(_openai_config(faulty_server, pairs, str(tmp_path / "ann"), retry_failed=True), show_progress=False)
+    again = annotate(_openai_config(faulty_server, pairs, str(tmp_path / "ann"), retry_failed=True),
+                     show_progress=False)
     assert (again["skipped"], again["retried"], again["annotated"] + again["failed"]) == (5, 5, 5)
     after = httpx.get(f"{faulty_server}/stats").json()["attempts"]
     assert after["ok0"] == 1 and after["junk1"] == 2

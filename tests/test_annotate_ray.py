@@ -117,8 +117,9 @@ def test_llm_teacher_actor_pool_keeps_failed_rows_and_coexists(ray_local, sample
     """The transformers teacher through the Ray Data actor pool. The tiny random model writes no
     JSON, so every row is a failed row with its raw text kept; next to a ratings run in one DIR."""
     out = str(tmp_path / "ann")
-    ratings = annotate(AnnotateConfig(pairs=str(sample_pairs_dir), out=out, teacher="ratings", limit=6), show_progress=False)
-    llm = annotate(AnnotateConfig(pairs=str(sample_pairs_dir), out=out, teacher="transformers", model=str(tiny_model_dir),
+    pairs = str(sample_pairs_dir)
+    ratings = annotate(AnnotateConfig(pairs=pairs, out=out, teacher="ratings", limit=6), show_progress=False)
+    llm = annotate(AnnotateConfig(pairs=pairs, out=out, teacher="transformers", model=str(tiny_model_dir),
                                   prompt_version="v1-swapped", limit=6, generation={"max_tokens": 24},
                                   pool={"batch_size": 3, "min_actors": 1, "max_actors": 2}), show_progress=False)
     assert ratings["annotated"] == 6
@@ -139,7 +140,8 @@ def test_teacher_that_cannot_start_is_a_clear_error(ray_local, sample_pairs_dir,
     (tmp_path / "broken-model").mkdir()  # exists, but holds no model
     cfg = AnnotateConfig(pairs=str(sample_pairs_dir), out=str(tmp_path / "ann"), teacher="transformers",
                          model=str(tmp_path / "broken-model"), limit=2)
-    with pytest.raises(ValueError, match="(?s)the transformers:broken-model teacher failed: ValueError: .*rerun the same command"):
+    failed = "(?s)the transformers:broken-model teacher failed: ValueError: .*rerun the same command"
+    with pytest.raises(ValueError, match=failed):
         annotate(cfg, show_progress=False)
     with pytest.raises(FileNotFoundError, match="model not found"):
         annotate(cfg.model_copy(update={"model": str(tmp_path / "nope")}), show_progress=False)

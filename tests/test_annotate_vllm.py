@@ -59,7 +59,8 @@ def test_overlapped_batches_give_the_rows_of_one_batch_at_a_time(smollm2_dir, tm
     engine = VLLMTeacherEngine(cfg)
     try:
         assert engine.loop is not None
-        batches = [[build_messages(p, cfg.resolved_prompt_version, 120) for p in pairs[i:i + 2]] for i in range(0, 8, 2)]
+        version = cfg.resolved_prompt_version
+        batches = [[build_messages(p, version, 120) for p in pairs[i:i + 2]] for i in range(0, 8, 2)]
         with ThreadPoolExecutor(4) as pool:
             overlapped = list(pool.map(engine.generate, batches))
         one_at_a_time = [engine.llm.chat(b, engine.sampling, use_tqdm=False) for b in batches]

@@ -97,7 +97,10 @@ def test_same_inputs_same_beta_bytes_whatever_the_shard_layout(sample, tmp_path)
     for i, start in enumerate(range(0, ann.num_rows, 1100)):
         write_parquet(ann.slice(start, 1100), str(tmp_path / "other" / f"s{i}.parquet"))
     _, second, meta2 = _build(sample, "det-b", annotations=str(tmp_path / "other"))
-    assert first["beta"].to_numpy(zero_copy_only=False).tobytes() == second["beta"].to_numpy(zero_copy_only=False).tobytes()
+    def beta_bytes(table):
+        return table["beta"].to_numpy(zero_copy_only=False).tobytes()
+
+    assert beta_bytes(first) == beta_bytes(second)
     assert meta1["beta_digest"] == meta2["beta_digest"]
     assert first.equals(second)
     _, third, meta3 = _build(sample, "det-c", config=POLICIES.model_copy(update={"beta0": 0.12}))
@@ -133,10 +136,12 @@ def test_global_and_shuffled_controls(sample):
     assert (b_sem != b_shuf).mean() > 0.5
     # Under the shuffle, β no longer tracks the category.
     category = np.asarray(sem["category"].to_pylist())[trained]
-    assert abs(b_shuf[category == "style"].mean() - b_shuf.mean()) < abs(b_sem[category == "style"].mean() - b_sem.mean())
+    style = category == "style"
+    assert abs(b_shuf[style].mean() - b_shuf.mean()) < abs(b_sem[style].mean() - b_sem.mean())
     # Same seed → same permutation; another seed → another.
     _, again, _ = _build(sample, "c-shuffled-2", control="shuffled")
-    _, other, _ = _build(sample, "c-shuffled-3", control="shuffled", config=POLICIES.model_copy(update={"shuffle_seed": 1}))
+    seed_1 = POLICIES.model_copy(update={"shuffle_seed": 1})
+    _, other, _ = _build(sample, "c-shuffled-3", control="shuffled", config=seed_1)
     assert again["beta"].equals(shuf["beta"]) and not other["beta"].equals(shuf["beta"])
     with pytest.raises(ValueError, match="unknown control"):
         _build(sample, "c-bad", control="random")
@@ -221,7 +226,8 @@ def test_unreachable_mean_is_recorded_and_warns_or_refuses(sample, tmp_path):
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        build_artifact(pairs_path, ann, str(tmp_path / "dropped.parquet"), refuse.model_copy(update={"noise_policy": "drop"}))
+        dropping = refuse.model_copy(update={"noise_policy": "drop"})
+        build_artifact(pairs_path, ann, str(tmp_path / "dropped.parquet"), dropping)
     assert read_artifact(str(tmp_path / "dropped.parquet"))[1]["beta_stats"]["semantic_mean_reached"] is True
 
 

@@ -7,13 +7,13 @@ import subprocess
 import sys
 
 import pyarrow.parquet as pq
-import pytest
 
 from sp2dpo.data.prepare import DataConfig, prepare
 from sp2dpo.data.schema import pair_id_of
 from sp2dpo.data.validate import normalize_record
 
-GOOD = {"prompt": "What is 2+2?", "chosen": "4", "rejected": "5", "metadata": {"score_chosen": 9.0, "score_rejected": 2.0}}
+GOOD = {"prompt": "What is 2+2?", "chosen": "4", "rejected": "5",
+        "metadata": {"score_chosen": 9.0, "score_rejected": 2.0}}
 
 
 def _write_lines(path, lines: list[bytes]) -> str:
@@ -71,7 +71,8 @@ FAULTS = [
     (b'{"prompt": "p", "chosen": 7, "rejected": "b"}', "wrong_type"),
     (b'{"prompt": "p", "chosen": "a", "rejected": "b", "score_chosen": "high"}', "wrong_type"),
     (b'{"prompt": [{"role": "user"}], "chosen": "a", "rejected": "b"}', "bad_message"),
-    (b'{"prompt": [{"role": "user", "content": "p"}], "chosen": [{"role": "assistant", "content": "  "}], "rejected": "b"}', "empty"),
+    (b'{"prompt": [{"role": "user", "content": "p"}], "chosen": [{"role": "assistant", "content": "  "}], '
+     b'"rejected": "b"}', "empty"),
     (b'{"prompt": "p", "chosen": "same", "rejected": "same"}', "identical"),
 ]
 
@@ -99,7 +100,8 @@ def test_conversational_trl_format_and_hf_layout(tmp_path):
     rows = [
         # TRL conversational: prompt and completions as message lists.
         {"prompt": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
-         "chosen": [{"role": "assistant", "content": "hello"}], "rejected": [{"role": "assistant", "content": "go away"}]},
+         "chosen": [{"role": "assistant", "content": "hello"}],
+         "rejected": [{"role": "assistant", "content": "go away"}]},
         # HF ultrafeedback_binarized: string prompt, completions are whole conversations, top-level scores.
         {"prompt": "2+2?", "prompt_id": "abc", "score_chosen": 8.0, "score_rejected": 3.5,
          "chosen": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
@@ -127,8 +129,8 @@ def test_parquet_json_array_and_saved_hf_dataset(tmp_path):
     rows = [{**GOOD, "prompt": f"p{i}"} for i in range(10)]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "in.parquet", row_group_size=4)
     (tmp_path / "in.json").write_text(json.dumps(rows))
-    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:6]), "test": datasets.Dataset.from_list(rows[6:])}).save_to_disk(
-        str(tmp_path / "hfdir"))
+    splits = {"train": datasets.Dataset.from_list(rows[:6]), "test": datasets.Dataset.from_list(rows[6:])}
+    datasets.DatasetDict(splits).save_to_disk(str(tmp_path / "hfdir"))
     for inp in ["in.parquet", "in.json", "hfdir"]:
         summary, pairs, _ = _run(tmp_path / inp.replace(".", "_"), [str(tmp_path / inp)])
         assert summary["valid"] == 10, inp
@@ -155,15 +157,15 @@ def test_ray_engine_matches_local(tmp_path, ray_local):
 
 def test_cli_prepare_json_summary(tmp_path):
     out = tmp_path / "cli"
-    proc = subprocess.run([sys.executable, "-m", "sp2dpo.cli", "data", "prepare", "ultrafeedback-eval", "--out", str(out), "--json"],
-                          capture_output=True, text=True, check=True)
+    command = [sys.executable, "-m", "sp2dpo.cli", "data", "prepare", "ultrafeedback-eval", "--out", str(out), "--json"]
+    proc = subprocess.run(command, capture_output=True, text=True, check=True)
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["total"] == 200 and summary["valid"] + summary["quarantined"] == 200 and summary["valid"] >= 199
 
 
 def test_cli_missing_input_is_clear_error(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "sp2dpo.cli", "data", "prepare", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path)],
-                          capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "sp2dpo.cli", "data", "prepare", str(tmp_path / "nope.jsonl"),
+                           "--out", str(tmp_path)], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "input not found" in proc.stderr and "Traceback" not in proc.stderr
 

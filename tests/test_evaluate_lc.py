@@ -288,7 +288,8 @@ def test_paired_run_against_itself_is_zero_and_within_noise():
 
 
 def test_paired_real_difference_is_not_noise_and_swaps_sign():
-    a, b = str(annotations_path("FuseChat-Llama-3.2-1B-Instruct")), str(annotations_path("FuseChat-Llama-3.1-8B-Instruct"))
+    a = str(annotations_path("FuseChat-Llama-3.2-1B-Instruct"))
+    b = str(annotations_path("FuseChat-Llama-3.1-8B-Instruct"))
     r = paired_comparison(a, b, CFG, n_resamples=1000)
     assert r["win_rate"]["delta"] == pytest.approx(r["b"]["win_rate"] - r["a"]["win_rate"], abs=1e-9)
     assert r["lc_win_rate"]["delta"] == pytest.approx(r["b"]["lc_win_rate"] - r["a"]["lc_win_rate"], abs=1e-6)

@@ -132,7 +132,8 @@ def test_missing_answer_tokens_give_nan():
     completion = {"logprobs": {"content": [{"token": "The", "logprob": -0.1,
                                             "top_logprobs": [{"token": "The", "logprob": -0.1}]}]}}
     assert math.isnan(parse_preference(completion, switched=False))
-    only_m = {"logprobs": {"content": [{"token": "m", "logprob": -0.1, "top_logprobs": [{"token": "m", "logprob": -0.1}]}]}}
+    only_m = {"logprobs": {"content": [{"token": "m", "logprob": -0.1,
+                                        "top_logprobs": [{"token": "m", "logprob": -0.1}]}]}}
     assert parse_preference(only_m, switched=False) == 1.0  # baseline shown first and certain
     assert parse_preference(only_m, switched=True) == 2.0
 

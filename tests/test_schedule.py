@@ -313,7 +313,8 @@ def test_consensus_ignores_row_order_and_dedupes_resumed_rows():
 def test_a_level_tie_is_symmetric_in_the_labels():
     # Swapping which teacher said what, or which category comes first in CATEGORIES, changes nothing.
     ids = pa.array(["p"])
-    for a, b in (("safety", "style"), ("style", "safety"), ("factuality", "helpfulness"), ("reversed", "no_real_difference")):
+    for a, b in (("safety", "style"), ("style", "safety"), ("factuality", "helpfulness"),
+                 ("reversed", "no_real_difference")):
         table, prov = consensus(_ann([("p", "t1", "v1", a, 2, 0.7, "ok"), ("p", "t2", "v1", b, 1, 0.7, "ok")]), ids)
         assert table["category"].to_pylist() == ["unannotated"] and prov["unresolved_ties"] == 1, (a, b)
         # Confidences that differ only by float rounding are level too.

@@ -86,11 +86,13 @@ def test_schema_errors_name_the_field(body, param):
 
 def test_cross_field_checks_and_unknown_fields():
     base = {"model": "m", "messages": [{"role": "user", "content": "x"}], "some_vendor_field": {"a": 1}}
-    req = parse_request(json.dumps({**base, "max_tokens": 7, "stop": "##", "logprobs": True, "top_logprobs": 3}).encode(), "chat")
+    body = {**base, "max_tokens": 7, "stop": "##", "logprobs": True, "top_logprobs": 3}
+    req = parse_request(json.dumps(body).encode(), "chat")
     opts = sampling_options(req)
     assert (opts.max_tokens, opts.stop, opts.top_logprobs) == (7, ["##"], 3)
     for extra, param in [({"max_tokens": -1}, "max_tokens"), ({"max_tokens": 0}, "max_tokens"), ({"n": 2}, "n"),
-                         ({"top_logprobs": 3}, "top_logprobs"), ({"logprobs": True, "top_logprobs": 50}, "top_logprobs"),
+                         ({"top_logprobs": 3}, "top_logprobs"),
+                         ({"logprobs": True, "top_logprobs": 50}, "top_logprobs"),
                          ({"stop": ["a", "b", "c", "d", "e"]}, "stop")]:
         with pytest.raises(APIError) as err:
             sampling_options(parse_request(json.dumps({**base, **extra}).encode(), "chat"))
@@ -105,7 +107,8 @@ def test_cross_field_checks_and_unknown_fields():
 def test_chat_and_models(client):
     listed = sorted(m.id for m in client.models.list().data)
     assert listed == ["base", "sp2dpo"]
-    r = client.chat.completions.create(model="base", messages=[{"role": "user", "content": "What is the capital of France?"}],
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    r = client.chat.completions.create(model="base", messages=question,
                                        max_tokens=12, temperature=0)
     assert r.model == "base" and r.object == "chat.completion"
     assert "Paris" in r.choices[0].message.content
@@ -156,7 +159,8 @@ def test_logprobs_are_the_models_log_softmax(client, smollm2_dir):
 
 
 def test_chat_streaming_matches_non_streaming(client):
-    kwargs = dict(model="base", messages=[{"role": "user", "content": "Name three colours."}], max_tokens=16, temperature=0)
+    kwargs = dict(model="base", messages=[{"role": "user", "content": "Name three colours."}], max_tokens=16,
+                  temperature=0)
     whole = client.chat.completions.create(**kwargs)
     chunks = list(client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -170,7 +174,8 @@ def test_chat_streaming_matches_non_streaming(client):
 def test_requests_joining_a_running_batch_decode_as_if_alone(server, client):
     """Continuous batching: rows that join mid-decode (left-padded, merged KV cache) and rows
     that leave early give exactly the greedy text they give alone."""
-    prompts = ["What is the capital of France?", "Write a haiku about autumn leaves on a quiet pond.", "Name two colours."]
+    prompts = ["What is the capital of France?", "Write a haiku about autumn leaves on a quiet pond.",
+               "Name two colours."]
     lengths = [12, 10, 6]
     alone = [client.completions.create(model="base", prompt=p, max_tokens=n, temperature=0).choices[0].text
              for p, n in zip(prompts, lengths)]
@@ -219,7 +224,8 @@ def test_api_key_required(server, client):
     assert err.value.status_code == 401 and err.value.code == "invalid_api_key"
     with pytest.raises(openai.AuthenticationError):
         wrong.models.list()
-    missing = _post(server, "/chat/completions", {"model": "base", "messages": [{"role": "user", "content": "hi"}]}, key=None)
+    hello = {"model": "base", "messages": [{"role": "user", "content": "hi"}]}
+    missing = _post(server, "/chat/completions", hello, key=None)
     _assert_openai_error(missing, 401)
     assert httpx.get(server.removesuffix("/v1") + "/health").status_code == 200  # probes need no key
 
@@ -274,16 +280,17 @@ def test_load_32_concurrent_clients(server):
         for j in range(4):
             content = f"client {i} request {j}: say a number"
             if j == 1:
-                stream = await aclient.chat.completions.create(model="sp2dpo", messages=[{"role": "user", "content": content}],
-                                                               max_tokens=4, stream=True)
+                messages = [{"role": "user", "content": content}]
+                stream = await aclient.chat.completions.create(model="sp2dpo", messages=messages, max_tokens=4,
+                                                               stream=True)
                 text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
                 assert isinstance(text, str)
             elif j == 2:
                 r = await aclient.completions.create(model="sp2dpo", prompt=content, max_tokens=4)
                 assert r.choices[0].finish_reason in ("stop", "length")
             else:
-                r = await aclient.chat.completions.create(model="sp2dpo", messages=[{"role": "user", "content": content}],
-                                                          max_tokens=4, seed=i)
+                messages = [{"role": "user", "content": content}]
+                r = await aclient.chat.completions.create(model="sp2dpo", messages=messages, max_tokens=4, seed=i)
                 assert r.usage.completion_tokens <= 4
             done += 1
         return done
@@ -300,5 +307,6 @@ def test_load_32_concurrent_clients(server):
     assert not errors, errors[:3]
     assert sum(results) == 128
     assert _replicas_healthy()
-    after = _post(server, "/chat/completions", {"model": "sp2dpo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    hello = {"model": "sp2dpo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    after = _post(server, "/chat/completions", hello)
     assert after.status_code == 200

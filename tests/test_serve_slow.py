@@ -42,7 +42,8 @@ def _vllm_app_checks(url: str, model_dir) -> None:
 
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="base", messages=messages, max_tokens=10**9)
-    cut = client.completions.create(model="base", prompt="The capital of France is", max_tokens=8, temperature=0, stop=["."])
+    cut = client.completions.create(model="base", prompt="The capital of France is", max_tokens=8, temperature=0,
+                                    stop=["."])
     assert "." not in cut.choices[0].text
 
 
@@ -83,9 +84,10 @@ def test_vllm_serves_a_student_our_trainer_saved(ray_local, smollm2_dir, tmp_pat
     pairs, artifact = build_sample_inputs(tmp_path / "in", limit=4, max_chars=200)
     ref = compute_reference(ReferenceConfig(artifact=artifact, pairs=pairs, model="smollm2", max_length=256),
                             show_progress=False)
-    summary = train(TrainConfig(artifact=ref["artifact"], pairs=pairs, model="smollm2", output_dir=str(tmp_path / "run"),
-                                strategy="torch", max_length=256, learning_rate=1e-5, micro_batch_size=2, max_steps=2,
-                                tensorboard=False, compute_reference=False), show_progress=False)
+    summary = train(TrainConfig(artifact=ref["artifact"], pairs=pairs, model="smollm2",
+                                output_dir=str(tmp_path / "run"), strategy="torch", max_length=256,
+                                learning_rate=1e-5, micro_batch_size=2, max_steps=2, tensorboard=False,
+                                compute_reference=False), show_progress=False)
     student = tmp_path / "run" / "model"
     assert summary["steps"] == 2
     trained, base = load_file(student / "model.safetensors"), load_file(smollm2_dir / "model.safetensors")
@@ -112,7 +114,8 @@ def test_smollm2_under_32_concurrent_clients(ray_local):
 
             async def one(i):
                 for j in range(3):
-                    r = await client.completions.create(model="base", prompt=f"{i + j} plus one is", max_tokens=4, temperature=0)
+                    r = await client.completions.create(model="base", prompt=f"{i + j} plus one is", max_tokens=4,
+                                                        temperature=0)
                     assert r.usage.completion_tokens <= 4
                 return 3
             try:
