@@ -90,7 +90,8 @@ def in_process(cfg, pairs: list[dict], batch_size: int) -> None:
     for name, rows, seconds, load in (("teacher path, batches overlapped", overlapped, overlapped_s, overlapped_load),
                                       ("teacher path, one batch at a time", sequential, sequential_s, sequential_load)):
         same = sum(limit[r["pair_id"]] == r["raw_text"] for r in rows)
-        print(f"{name}: {seconds:.1f} s, {n / seconds:.3f} pairs/s, failed={sum(r['status'] == 'failed' for r in rows)}, "
+        print(f"{name}: {seconds:.1f} s, {n / seconds:.3f} pairs/s, "
+              f"failed={sum(r['status'] == 'failed' for r in rows)}, "
               f"identical outputs to vLLM alone {same}/{n}  [{load}]")
     print(f"RESULT annotate_vs_engine_limit {limit_s / overlapped_s:.3f}")
     print(f"RESULT annotate_vs_engine_limit_sequential {limit_s / sequential_s:.3f}")
@@ -191,7 +192,8 @@ def main() -> None:
     print(f"RESULT annotate_vs_engine_limit {rate / base_rate:.3f}")
     if 1 in runs and args.max_concurrent_batches != 1:
         seq = runs[1][0]
-        print(f"RESULT annotate_vs_engine_limit_sequential {(seq['annotated'] + seq['failed']) / seq['seconds'] / base_rate:.3f}")
+        print(f"RESULT annotate_vs_engine_limit_sequential "
+              f"{(seq['annotated'] + seq['failed']) / seq['seconds'] / base_rate:.3f}")
 
 
 if __name__ == "__main__":

@@ -63,7 +63,8 @@ def main() -> None:
     instructions = [r["instruction"] for r in eval_rows]
     reference_lengths = np.array([len(r["output"]) for r in eval_rows], float)
     annotations = offline.read_model_annotations([args.results])
-    models = [m for m in offline.usable_models(annotations) if m in board.index and (not args.models or m in args.models)]
+    models = [m for m in offline.usable_models(annotations)
+              if m in board.index and (not args.models or m in args.models)]
     t0 = time.perf_counter()
     table = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -94,7 +95,8 @@ def main() -> None:
     for r in table:
         by_instr = f"{r['loo_by_instruction']:+.2f}" if r["skips"] else "same"
         print(f"| {r['model']}{' (skips instructions)' if r['skips'] else ''} | {r['avg_length']} | {r['lb_wr']:.2f} | "
-              f"{r['wr_err']:+.3f} | {r['lb_lc']:.2f} | {r['loo']:+.2f} | {by_instr} | {r['shipped']:+.2f} | {r['minimal']:+.2f} |")
+              f"{r['wr_err']:+.3f} | {r['lb_lc']:.2f} | {r['loo']:+.2f} | {by_instr} | {r['shipped']:+.2f} | "
+              f"{r['minimal']:+.2f} |")
     errors = {r["model"]: r["loo"] for r in table}
     names = [r["model"] for r in table]
     groups = {"all": names, f"short (< {SHORT} chars)": [r["model"] for r in table if r["avg_length"] < SHORT],
@@ -109,7 +111,8 @@ def main() -> None:
     minimal = stats({r["model"]: r["minimal"] for r in table}, names)
     print(f"| leave-one-out, by instruction for the files that skip some | {by_instruction['n']} | "
           f"{by_instruction['max']:.2f} | {by_instruction['p90']:.2f} | {by_instruction['mean']:.2f} |")
-    print(f"| shipped estimate, in-sample | {shipped['n']} | {shipped['max']:.2f} | {shipped['p90']:.2f} | {shipped['mean']:.2f} |")
+    print(f"| shipped estimate, in-sample | {shipped['n']} | {shipped['max']:.2f} | {shipped['p90']:.2f} | "
+          f"{shipped['mean']:.2f} |")
     print(f"| minimal GLM (baseline: no difficulty, no regularisation) | {minimal['n']} | {minimal['max']:.2f} | "
           f"{minimal['p90']:.2f} | {minimal['mean']:.2f} |")
     overall = stats(errors, names)

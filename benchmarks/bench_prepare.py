@@ -36,8 +36,10 @@ def main() -> None:
             for line in f:
                 json.loads(line)
         baseline = time.perf_counter() - t0
-        summary = prepare(DataConfig(inputs=[str(path)], out=str(Path(tmp) / "out"), engine=args.engine), show_progress=False)
-    print(f"rows={summary['total']} valid={summary['valid']} quarantined={summary['quarantined']} engine={summary['engine']}")
+        summary = prepare(DataConfig(inputs=[str(path)], out=str(Path(tmp) / "out"), engine=args.engine),
+                          show_progress=False)
+    print(f"rows={summary['total']} valid={summary['valid']} quarantined={summary['quarantined']} "
+          f"engine={summary['engine']}")
     print(f"json.loads only: {args.n / baseline:,.0f} rows/s; prepare: {summary['pairs_per_s']:,.0f} pairs/s "
           f"({summary['seconds'] / baseline:.1f}x the parse-only time)")
     print(f"RESULT prepare_pairs_per_s_{args.engine} {summary['pairs_per_s']:.0f}")

@@ -25,8 +25,8 @@ import pyarrow.parquet as pq
 
 from sp2dpo.annotate.store import read_shards
 from sp2dpo.data.bundled import bundled_path
-from sp2dpo.data.validate import normalize_record
 from sp2dpo.data.schema import PAIRS_SCHEMA
+from sp2dpo.data.validate import normalize_record
 from sp2dpo.schedule.artifact import build_artifact
 from sp2dpo.schedule.beta import ScheduleConfig
 from sp2dpo.schedule.synthetic import synthetic_annotations
@@ -44,8 +44,9 @@ def make_pairs(n: int) -> pa.Table:
     rows = []
     for i in range(n):
         src = valid[i % len(valid)]
-        record = {"prompt": f"{src['prompt']} [copy {i // len(valid)}]", "chosen": src["chosen"], "rejected": src["rejected"],
-                  "score_chosen": src["score_chosen"], "score_rejected": src["score_rejected"]}
+        record = {"prompt": f"{src['prompt']} [copy {i // len(valid)}]", "chosen": src["chosen"],
+                  "rejected": src["rejected"], "score_chosen": src["score_chosen"],
+                  "score_rejected": src["score_rejected"]}
         rows.append(normalize_record(record, "bench"))
     return pa.Table.from_pylist(rows, schema=PAIRS_SCHEMA)
 
@@ -76,20 +77,24 @@ def main() -> None:
         ann_path = str(Path(tmp) / "ann")
 
         floor, build, sched, cons, beta, glob = [], [], [], [], [], []
-        for r in range(args.repeats):
+        for _ in range(args.repeats):
             floor.append(io_floor(pairs_path, ann_path, str(Path(tmp) / "floor.parquet"), cfg.beta0))
             summary = build_artifact(pairs_path, ann_path, str(Path(tmp) / "beta.parquet"), cfg)
             build.append(summary["seconds"])
             sched.append(summary["consensus_seconds"] + summary["schedule_seconds"])
             cons.append(summary["consensus_seconds"])
             beta.append(summary["schedule_seconds"])
-            glob.append(build_artifact(pairs_path, ann_path, str(Path(tmp) / "global.parquet"), cfg, control="global")["seconds"])
-    floor_s, build_s, sched_s, cons_s, beta_s, glob_s = (statistics.median(x) for x in (floor, build, sched, cons, beta, glob))
-    print(f"pairs={summary['pairs']} annotations={ann.num_rows} teachers={args.teachers} flipped={summary['flipped']} "
-          f"mean_beta={summary['mean_beta']} per_category={summary['per_category']}")
-    print(f"median of {args.repeats}: schedule {sched_s:.3f} s (consensus {cons_s:.3f} s + beta and control {beta_s:.3f} s); "
+            glob.append(build_artifact(pairs_path, ann_path, str(Path(tmp) / "global.parquet"), cfg,
+                                       control="global")["seconds"])
+    floor_s, build_s, sched_s, cons_s, beta_s, glob_s = (statistics.median(x)
+                                                         for x in (floor, build, sched, cons, beta, glob))
+    print(f"pairs={summary['pairs']} annotations={ann.num_rows} teachers={args.teachers} "
+          f"flipped={summary['flipped']} mean_beta={summary['mean_beta']} per_category={summary['per_category']}")
+    print(f"median of {args.repeats}: schedule {sched_s:.3f} s "
+          f"(consensus {cons_s:.3f} s + beta and control {beta_s:.3f} s); "
           f"build_artifact {build_s:.3f} s (global control {glob_s:.3f} s); "
-          f"I/O floor (read both tables, write a constant beta) {floor_s:.3f} s -> build is {build_s / floor_s:.2f}x the floor")
+          f"I/O floor (read both tables, write a constant beta) {floor_s:.3f} s "
+          f"-> build is {build_s / floor_s:.2f}x the floor")
     print(f"RESULT schedule_60k_seconds {sched_s:.4f}")
 
 

@@ -56,7 +56,8 @@ def held_out_pairs(out: Path, n: int) -> pa.Table:
 
     prepare(DataConfig(inputs=["ultrafeedback-eval"], limit=n, max_tokens=200, tokenizer="smollm2", out=str(out)),
             show_progress=False)
-    return read_parquet(str(out / "pairs.parquet")).select(["pair_id", "prompt", "prompt_messages", "chosen", "rejected"])
+    return read_parquet(str(out / "pairs.parquet")).select(["pair_id", "prompt", "prompt_messages", "chosen",
+                                                             "rejected"])
 
 
 def logps(model: str, rows: pa.Table, max_length: int) -> np.ndarray:
@@ -146,19 +147,21 @@ def main() -> None:
         m = margins.get(r["arm"])
         lc = "–" if r["lc_win_rate"] is None else f"{r['lc_win_rate']:.1f}"
         print(f"| {r['arm']} | {'–' if r['mean_beta'] is None else format(r['mean_beta'], '.4f')} | "
-              f"{'–' if m is None else format(acc[r['arm']], '.1f')} | {'–' if m is None else format(m.mean(), '+.4f')} | "
+              f"{'–' if m is None else format(acc[r['arm']], '.1f')} | "
+              f"{'–' if m is None else format(m.mean(), '+.4f')} | "
               f"{r['win_rate']:.1f} | {r['standard_error']:.1f} | {lc} | "
               f"{'–' if r['cost'] is None else format(r['cost']['wall_seconds'], '.0f')} |")
     print("\n| paired difference (points) | held-out acc Δ [95% CI] | p | AE WR Δ [95% CI] | p |")
     print("|---|---|---:|---|---:|")
     for d in comparison["deltas"]:
         h, w = deltas[d["comparison"]], d["win_rate"]
-        print(f"| {d['comparison']} | {h['delta']:+.1f} [{h['ci_low']:+.1f}, {h['ci_high']:+.1f}] | {h['p_value']:.3f} | "
-              f"{w['delta']:+.1f} [{w['ci_low']:+.1f}, {w['ci_high']:+.1f}] | {w['p_value']:.3f} |")
+        print(f"| {d['comparison']} | {h['delta']:+.1f} [{h['ci_low']:+.1f}, {h['ci_high']:+.1f}] | {h['p_value']:.3f} "
+              f"| {w['delta']:+.1f} [{w['ci_low']:+.1f}, {w['ci_high']:+.1f}] | {w['p_value']:.3f} |")
     seconds = time.perf_counter() - t0
     print(f"\nRESULT study_grid_cpu: {seconds:.0f} s; comparison {Path(stages['compare']['path'], 'comparison.md')}")
     (root / "study.json").write_text(json.dumps({
-        "pairs": pairs.num_rows, "planted_flips": n_flipped, "caught_as_reversed": caught, "held_out_pairs": rows.num_rows,
+        "pairs": pairs.num_rows, "planted_flips": n_flipped, "caught_as_reversed": caught,
+        "held_out_pairs": rows.num_rows,
         "held_out_accuracy": acc, "held_out_deltas": deltas, "tuned_global": tuned,
         "alpaca_eval_deltas": comparison["deltas"], "seconds": round(seconds, 1)}, indent=2))
 

@@ -1,4 +1,5 @@
-"""ray job submit --working-dir . -- python jobs/annotate.py --config cluster.yaml --teacher vllm --out /shared/run/ann"""
+r"""ray job submit --working-dir . -- python jobs/annotate.py --config cluster.yaml --teacher vllm \
+    --out /shared/run/ann"""
 
 from _entry import run
 

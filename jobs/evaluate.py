@@ -1,4 +1,5 @@
-"""ray job submit --working-dir . -- python jobs/evaluate.py generate --endpoint http://serve:8000/v1 --model sp2dpo --out /shared/run/eval/sp2dpo"""
+r"""ray job submit --working-dir . -- python jobs/evaluate.py generate --endpoint http://serve:8000/v1 \
+    --model sp2dpo --out /shared/run/eval/sp2dpo"""
 
 from _entry import run
 

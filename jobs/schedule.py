@@ -1,4 +1,5 @@
-"""ray job submit --working-dir . -- python jobs/schedule.py --pairs /shared/run/data/pairs.parquet --annotations /shared/run/ann --out /shared/run/beta.parquet"""
+r"""ray job submit --working-dir . -- python jobs/schedule.py --pairs /shared/run/data/pairs.parquet \
+    --annotations /shared/run/ann --out /shared/run/beta.parquet"""
 
 from _entry import run
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import typer
 
@@ -13,7 +14,8 @@ from sp2dpo.utils import print_json_summary
 
 C = TypeVar("C", bound=StageConfig)
 
-ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config (a stage config, or a pipeline config with a section per stage).")
+ConfigOpt = typer.Option(None, "--config", "-c",
+                         help="YAML config (a stage config, or a pipeline config with a section per stage).")
 SetOpt = typer.Option(None, "--set", "-s", help="Override a config value: key.sub=value (repeatable).")
 JsonOpt = typer.Option(False, "--json", help="Print a machine-readable JSON summary as the last line of stdout.")
 

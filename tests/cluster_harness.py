@@ -68,7 +68,8 @@ exec "$@"
 """
 
 
-def _start_shared_nothing_node(args: list[str], env: dict[str, str], hidden: list[str], log_path: str) -> subprocess.Popen:
+def _start_shared_nothing_node(args: list[str], env: dict[str, str], hidden: list[str],
+                               log_path: str) -> subprocess.Popen:
     """`ray start --block <args>` in a mount namespace of its own (SHARED_NOTHING_WRAPPER).
     unshare(2) then exec: the process returned is `ray start --block` itself."""
     cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c", SHARED_NOTHING_WRAPPER, "sp2dpo-node",
@@ -134,8 +135,8 @@ class LocalCluster:
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
         # Job drivers run `python ...`: it must be this venv's, with this package.
         env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-        env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-                   RAY_ENABLE_UV_RUN_RUNTIME_ENV="0", RAY_USAGE_STATS_ENABLED="0",
+        env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+                   TOKENIZERS_PARALLELISM="false", RAY_ENABLE_UV_RUN_RUNTIME_ENV="0", RAY_USAGE_STATS_ENABLED="0",
                    # On SIGTERM a node first drains (for Serve upgrades); a test cluster just stops.
                    RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
                    # Several nodes on one busy machine: Serve's 5 s proxy readiness check kills a
@@ -218,7 +219,7 @@ class LocalCluster:
         path = Path(self.temp_dir) / name
         return path.read_text(errors="replace") if path.exists() else ""
 
-    def start(self) -> "LocalCluster":
+    def start(self) -> LocalCluster:
         common = ["--object-store-memory", str(self.object_store_bytes), "--node-ip-address", "127.0.0.1"]
         head = self._start(["--head", "--port", str(self.gcs_port), "--dashboard-host", "127.0.0.1",
                             "--dashboard-port", str(self.dashboard_port), "--include-dashboard", "true",
@@ -318,7 +319,7 @@ class LocalCluster:
             proc.wait(timeout=10)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
-    def __enter__(self) -> "LocalCluster":
+    def __enter__(self) -> LocalCluster:
         try:
             return self.start()
         except BaseException:
@@ -408,8 +409,14 @@ def _autoscaling_cluster_class():
 
 def _shared_nothing_provider_class():
     from ray.autoscaler._private.fake_multi_node.node_provider import FakeMultiNodeProvider
-    from ray.autoscaler.tags import (NODE_KIND_WORKER, STATUS_UP_TO_DATE, TAG_RAY_NODE_KIND, TAG_RAY_NODE_NAME,
-                                     TAG_RAY_NODE_STATUS, TAG_RAY_USER_NODE_TYPE)
+    from ray.autoscaler.tags import (
+        NODE_KIND_WORKER,
+        STATUS_UP_TO_DATE,
+        TAG_RAY_NODE_KIND,
+        TAG_RAY_NODE_NAME,
+        TAG_RAY_NODE_STATUS,
+        TAG_RAY_USER_NODE_TYPE,
+    )
 
     class SharedNothingFakeProvider(FakeMultiNodeProvider):
         """The fake multi-node provider, but each node it adds is `ray start --block` in a mount
@@ -437,8 +444,8 @@ def _shared_nothing_provider_class():
                 # What FakeMultiNodeProvider gives its nodes: the node id the autoscaler knows it by.
                 env = {**cfg["node_env"], "RAY_OVERRIDE_NODE_ID_FOR_TESTING": node_id,
                        "RAY_CLOUD_INSTANCE_ID": node_id, "RAY_NODE_TYPE_NAME": node_type}
-                proc = _start_shared_nothing_node(args, env, cfg["hidden"],
-                                                  str(Path(cfg["node_temp_dir"]) / f"node-{node_type}-{node_id[-5:]}.log"))
+                proc = _start_shared_nothing_node(
+                    args, env, cfg["hidden"], str(Path(cfg["node_temp_dir"]) / f"node-{node_type}-{node_id[-5:]}.log"))
                 all_tags = {TAG_RAY_NODE_KIND: NODE_KIND_WORKER, TAG_RAY_USER_NODE_TYPE: node_type,
                             TAG_RAY_NODE_NAME: node_id, TAG_RAY_NODE_STATUS: STATUS_UP_TO_DATE, **tags}
                 self._nodes[node_id] = {"tags": all_tags, "proc": proc}
@@ -508,7 +515,7 @@ class LocalAutoscalingCluster(LocalCluster):
         self.config_path.write_text(json.dumps(config, indent=1))
         self.env.update(AUTOSCALER_UPDATE_INTERVAL_S="1", RAY_FAKE_CLUSTER="1")
 
-    def start(self) -> "LocalAutoscalingCluster":
+    def start(self) -> LocalAutoscalingCluster:
         resources = dict(self.head_resources)
         args = ["--head", f"--autoscaling-config={self.config_path}", "--port", str(self.gcs_port),
                 "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),

@@ -29,7 +29,6 @@ import sys
 import time
 
 import pytest
-
 from cluster_harness import LocalAutoscalingCluster
 
 pytestmark = pytest.mark.slow
@@ -87,8 +86,8 @@ t_done = time.monotonic() - t0
 rows = read_shards(f"{work}/ann").to_pylist()
 from ray.util.state import list_actors
 
-teacher_nodes = sorted({a.node_id for a in list_actors(filters=[("class_name", "=", "MapWorker(MapBatches(TeacherActor))")],
-                                                      limit=100, detail=True)})
+teacher_nodes = sorted({a.node_id for a in list_actors(
+    filters=[("class_name", "=", "MapWorker(MapBatches(TeacherActor))")], limit=100, detail=True)})
 deadline = time.monotonic() + removal_timeout
 while time.monotonic() < deadline:
     added = {e["node"] for e in events if e["event"] == "added"}
@@ -219,7 +218,8 @@ def test_nodes_the_autoscaler_adds_share_no_disk_with_the_head():
     its own; the task there cannot see a file the driver wrote on the head, and the node is
     removed once idle."""
     types = {"gpu_annotate": WORKER_TYPES["gpu_annotate"]}
-    with LocalAutoscalingCluster({"CPU": 1}, types, idle_timeout_minutes=IDLE_TIMEOUT_MIN, shared_nothing=True) as cluster:
+    with LocalAutoscalingCluster({"CPU": 1}, types, idle_timeout_minutes=IDLE_TIMEOUT_MIN,
+                                 shared_nothing=True) as cluster:
         proc = subprocess.run([sys.executable, "-c", LOOK], env={**cluster.env, "RAY_ADDRESS": cluster.address},
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:] + cluster.monitor_log()

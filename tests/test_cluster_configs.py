@@ -86,7 +86,8 @@ def _in_image(uri: str) -> Path:
 
 def _dockerfile() -> list[tuple[str, str]]:
     """(instruction, arguments) pairs, continuation lines joined, comments dropped."""
-    text = re.sub(r"\\\n", " ", "\n".join(l for l in DOCKERFILE.read_text().splitlines() if not l.lstrip().startswith("#")))
+    text = re.sub(r"\\\n", " ", "\n".join(line for line in DOCKERFILE.read_text().splitlines()
+                                          if not line.lstrip().startswith("#")))
     return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1]) for line in text.splitlines() if line.strip()]
 
 
@@ -98,7 +99,8 @@ def _image_tag() -> str:
 
 
 def _dockerignored(path: str) -> bool:
-    patterns = [l.strip() for l in DOCKERIGNORE.read_text().splitlines() if l.strip() and not l.startswith("#")]
+    patterns = [line.strip() for line in DOCKERIGNORE.read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
     parts = Path(path).parts
     return any(fnmatch(path, p) or fnmatch(path, p.removeprefix("**/")) or any(fnmatch(part, p.removeprefix("**/"))
                for part in parts) for p in patterns)
@@ -127,7 +129,8 @@ def test_dockerfile_builds_the_package_on_the_pinned_ray():
 
 
 def test_dockerignore_keeps_the_venv_out_and_the_code_in():
-    for path in (".venv/lib/python3.11/site-packages/x.py", ".git/HEAD", "runs/demo/x.parquet", "sp2dpo/__pycache__/a.pyc"):
+    for path in (".venv/lib/python3.11/site-packages/x.py", ".git/HEAD", "runs/demo/x.parquet",
+                 "sp2dpo/__pycache__/a.pyc"):
         assert _dockerignored(path), path
     for path in ("sp2dpo/pipeline/runner.py", "jobs/pipeline.py", "cluster/sp2dpo_rayservice.py", "pyproject.toml",
                  "sp2dpo/configs/ultrafeedback-8b.yaml"):
@@ -567,8 +570,8 @@ def test_docs_commands_name_existing_files():
     for command in ("ray up cluster/ray-cluster.aws.yaml", "ray dashboard cluster/ray-cluster.aws.yaml",
                     "kubectl apply -f cluster/kuberay/raycluster.yaml", "kubectl apply -f cluster/kuberay/rayjob.yaml",
                     "kubectl apply -f cluster/kuberay/rayservice.yaml", "ray job submit",
-                    f"docker build -f cluster/Dockerfile -t {_image_tag()} .", "kubectl port-forward svc/sp2dpo-head-svc",
-                    "RAY_AUTH_TOKEN"):
+                    f"docker build -f cluster/Dockerfile -t {_image_tag()} .",
+                    "kubectl port-forward svc/sp2dpo-head-svc", "RAY_AUTH_TOKEN"):
         assert command in docs, command
     for path in set(re.findall(r"\b(?:cluster|jobs)/[\w./-]+\.(?:yaml|py|json)", docs)):
         assert (REPO / path).is_file(), f"docs/cluster.md names {path}, which does not exist"

@@ -16,9 +16,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from cluster_harness import LocalCluster, free_port, local_cluster  # noqa: F401  (the fixture)
 
 from sp2dpo.storage import read_json, read_parquet
-from cluster_harness import LocalCluster, free_port, local_cluster  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -223,7 +223,8 @@ def test_shared_nothing_worker_sees_only_s3_not_the_heads_disk(shared_nothing_cl
     assert seen["worker"]["s3_body"] == "written on the head, through S3"
     assert s3.keys(uri) == ["from-driver.txt", "from-worker.txt"]
     # Its own HOME, temp dir and sp2dpo cache, on its private tmpfs.
-    assert seen["worker"]["home"].startswith("/tmp/sp2dpo-node/") and seen["worker"]["cache"].startswith("/tmp/sp2dpo-node/")
+    assert (seen["worker"]["home"].startswith("/tmp/sp2dpo-node/")
+            and seen["worker"]["cache"].startswith("/tmp/sp2dpo-node/"))
     assert seen["worker"]["tmp"].startswith("/tmp/sp2dpo-node/")
     assert not Path(seen["worker"]["home"]).exists()  # and nothing of it shows on the head
 
@@ -246,9 +247,9 @@ def test_a_run_dir_the_worker_cannot_see_is_refused_before_any_stage(shared_noth
 
 
 def _demo_command(run_dir: str, student: str, *extra: str) -> list[str]:
-    overrides = [f"run_dir={run_dir}", f"train.model={student}", "data.limit=6", "data.max_tokens=200", "teachers=[{teacher: ratings}]",
-                 "train.max_length=256", "evaluate_base=true", "evaluate.limit=2", "evaluate.max_tokens=16",
-                 f"serve.port={free_port()}", *extra]
+    overrides = [f"run_dir={run_dir}", f"train.model={student}", "data.limit=6", "data.max_tokens=200",
+                 "teachers=[{teacher: ratings}]", "train.max_length=256", "evaluate_base=true", "evaluate.limit=2",
+                 "evaluate.max_tokens=16", f"serve.port={free_port()}", *extra]
     command = ["python", "jobs/pipeline.py", "--config", "demo", "--json"]
     for item in overrides:
         command += ["--set", item]
@@ -347,7 +348,8 @@ def test_demo_pipeline_on_shared_nothing_nodes_with_the_run_dir_on_s3(shared_not
 
 
 @pytest.mark.timeout(5400)
-def test_demo_pipeline_stopped_in_training_resumes_from_its_s3_checkpoint(shared_nothing_cluster, s3, tiny_student_on_s3):
+def test_demo_pipeline_stopped_in_training_resumes_from_its_s3_checkpoint(shared_nothing_cluster, s3,
+                                                                          tiny_student_on_s3):
     """Submit the demo up to train-global (run_dir on S3), `ray job stop` it once the first train
     stage has checkpointed on S3 (checkpoint_every=1: wait for its second checkpoint, so the first
     is certainly registered), resubmit the same command: the finished stages are skipped (status
@@ -357,7 +359,8 @@ def test_demo_pipeline_stopped_in_training_resumes_from_its_s3_checkpoint(shared
     run_dir = s3.new_prefix("resume")
     # Up to the second train stage: the cut one resumes, the next one starts fresh after it. The
     # tiny student takes a step (and an S3 checkpoint) in a few seconds: 12 leave time to stop it.
-    command = _demo_command(run_dir, tiny_student_on_s3, "train.checkpoint_every=1", "train.max_steps=12", "until=train-global")
+    command = _demo_command(run_dir, tiny_student_on_s3, "train.checkpoint_every=1", "train.max_steps=12",
+                            "until=train-global")
     job_id = f"sp2dpo-s3-stop-{time.time_ns() % 10**8}"
 
     def second_checkpoint(stages: dict[str, list[str]]) -> str | None:

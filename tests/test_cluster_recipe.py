@@ -20,9 +20,9 @@ import json
 import time
 
 import pytest
+from cluster_harness import LocalAutoscalingCluster, free_port
 
 from sp2dpo.storage import read_json, read_parquet
-from cluster_harness import LocalAutoscalingCluster, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -122,7 +122,8 @@ def test_mini_recipe_on_an_autoscaling_cluster_whose_nodes_share_nothing(s3, tin
     for control in ("semantic", "global", "shuffled"):
         assert read_parquet(f"{path['schedule']}/beta-{control}.parquet").num_rows == 8
         assert read_json(f"{path[f'train-{control}']}/training_summary.json")["steps"] >= 1
-    evaluated = [k for k in keys if k.endswith("/annotations.json") and k.startswith(path["evaluate"][len(run_dir) + 1:])]
+    evaluated = [k for k in keys
+                 if k.endswith("/annotations.json") and k.startswith(path["evaluate"][len(run_dir) + 1:])]
     assert len(evaluated) >= 3, evaluated
     compare_dir = path["compare"][len(run_dir) + 1:]
     assert {f"{compare_dir}/comparison.md", f"{compare_dir}/comparison.json"} <= set(keys)

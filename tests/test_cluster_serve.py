@@ -76,7 +76,8 @@ def deployed(request, ray_local, tiny_model_dir, smollm2_dir):
         statuses = {name: app.status for name, app in serve.status().applications.items()}
         if statuses and all(s == "RUNNING" for s in statuses.values()):
             break
-        failed = {name: app.message for name, app in serve.status().applications.items() if app.status == "DEPLOY_FAILED"}
+        failed = {name: app.message for name, app in serve.status().applications.items()
+                  if app.status == "DEPLOY_FAILED"}
         assert not failed, failed
         assert time.monotonic() < deadline, f"not running after 600 s: {statuses}"
         time.sleep(1)

@@ -65,7 +65,8 @@ class ScriptedServer(LocalApp):
                 text = "answer:" + " ".join(prompt.split()[:3])
                 if body.get("logprobs"):
                     text = "M"
-                    top = [{"token": "M", "logprob": -0.1, "bytes": None}, {"token": "m", "logprob": -2.4, "bytes": None}]
+                    top = [{"token": "M", "logprob": -0.1, "bytes": None},
+                           {"token": "m", "logprob": -2.4, "bytes": None}]
                     logprobs = {"content": [{"token": "M", "logprob": -0.1, "bytes": None, "top_logprobs": top}]}
                 return {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
                         "choices": [{"index": 0, "finish_reason": "stop", "logprobs": logprobs,
@@ -98,7 +99,8 @@ def test_generate_bounded_concurrency_retries_and_resume(tmp_path):
     assert (summary["n"], summary["generated"], summary["resumed"]) == (12, 1, 11)
     outputs = json.loads((tmp_path / "model_outputs.json").read_text())
     assert [o["instruction"] for o in outputs] == [r["instruction"] for r in rows]
-    assert all(set(o) == {"instruction", "output", "generator", "dataset"} and o["generator"] == "student" for o in outputs)
+    assert all(set(o) == {"instruction", "output", "generator", "dataset"} and o["generator"] == "student"
+               for o in outputs)
     assert victim in outputs[4]["output"]
 
 

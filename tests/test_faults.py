@@ -118,7 +118,8 @@ def test_serve_replica_killed_under_64_streaming_clients(ray_local, tiny_model_d
                         text = await stream_once(client, prompt)
                     except openai.APIError as exc:
                         # A clean error: an OpenAI error (event or status) naming a server-side failure.
-                        clean = getattr(exc, "code", None) == "replica_failed" or getattr(exc, "status_code", 0) in (500, 503)
+                        clean = (getattr(exc, "code", None) == "replica_failed"
+                                 or getattr(exc, "status_code", 0) in (500, 503))
                         stats["clean_errors" if clean else "other_errors"] += 1
                         errors.append(f"{type(exc).__name__}: {exc}"[:200])
                         await asyncio.sleep(0.5)
@@ -162,7 +163,8 @@ def test_serve_replica_killed_under_64_streaming_clients(ray_local, tiny_model_d
         while True:
             app = serve.status().applications["sp2dpo"]
             deployment = app.deployments["model-tiny"]
-            running = sum(n for state, n in deployment.replica_states.items() if getattr(state, "value", state) == "RUNNING")
+            running = sum(n for state, n in deployment.replica_states.items()
+                          if getattr(state, "value", state) == "RUNNING")
             if app.status == "RUNNING" and deployment.status == "HEALTHY" and running == 2:
                 break
             assert time.monotonic() < deadline, (app.status, deployment.status, deployment.replica_states)
@@ -304,8 +306,10 @@ class FlakyJudge(LocalApp):
             other = "m" if token == "M" else "M"
             top = [{"token": token, "logprob": -0.2, "bytes": None}, {"token": other, "logprob": -1.8, "bytes": None}]
             return {"id": "j", "object": "chat.completion", "created": 0, "model": body["model"],
-                    "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": token},
-                                 "logprobs": {"content": [{"token": token, "logprob": -0.2, "bytes": None, "top_logprobs": top}]}}]}
+                    "choices": [{"index": 0, "finish_reason": "stop",
+                                 "message": {"role": "assistant", "content": token},
+                                 "logprobs": {"content": [{"token": token, "logprob": -0.2, "bytes": None,
+                                                           "top_logprobs": top}]}}]}
 
         super().__init__(api)
 
@@ -319,8 +323,8 @@ def test_judge_outage_retries_then_resumes_without_rejudging(tmp_path):
     from sp2dpo.evaluate.run import judge
 
     rows = load_eval_set()[:16]
-    outputs = [{"instruction": r["instruction"], "output": f"answer {i}: " + r["instruction"][:40], "generator": "student",
-                "dataset": r["dataset"]} for i, r in enumerate(rows)]
+    outputs = [{"instruction": r["instruction"], "output": f"answer {i}: " + r["instruction"][:40],
+                "generator": "student", "dataset": r["dataset"]} for i, r in enumerate(rows)]
     for name in ("clean", "faulty"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "model_outputs.json").write_text(json.dumps(outputs))
@@ -355,14 +359,18 @@ def test_judge_outage_retries_then_resumes_without_rejudging(tmp_path):
     figures = {"rows": 16, "first_run_requests": len(first_calls),
                "first_run_503": sum(o == "503" for _, o in first_calls),
                "first_run_hangs": sum(o == "hang" for _, o in first_calls), "first_run_retries": retried,
-               "finished_first_run": len(finished), "rerun_judged": summary["judged"], "rerun_resumed": summary["resumed"],
+               "finished_first_run": len(finished), "rerun_judged": summary["judged"],
+               "rerun_resumed": summary["resumed"],
                "rejudged_finished_rows": sum(asked_for(c) in finished for c in rerun_prompts),
                "first_run_s": round(outage_s, 1), "error": str(info.value)[:160]}
     _report("judge_outage", figures)
     assert retried > 0 and 0 < len(finished) < 16, figures
     assert summary["resumed"] == len(finished) and summary["judged"] == 16 - len(finished), figures
     assert figures["rejudged_finished_rows"] == 0 and len(rerun_prompts) == 16 - len(finished), figures
-    key = lambda a: (a["instruction"], a["output_2"], a["preference"], a["is_switched_outputs"])
+
+    def key(a):
+        return (a["instruction"], a["output_2"], a["preference"], a["is_switched_outputs"])
+
     assert [key(a) for a in faulty] == [key(a) for a in clean]
 
 
@@ -406,17 +414,21 @@ def _write(uri: str, pause: float, kill_halfway: bool) -> int:
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_writer_killed_mid_file_leaves_nothing_a_rerun_trusts(where, tmp_path, request):
     """A 2.4 M-row (38 MB) Parquet file written a row group at a time through sp2dpo.storage (every stage's
-    writer); SIGKILL after 4 of 12 groups (on S3: with parts of a multipart upload sent). Nothing readable is at the target, the rerun writes it
-    whole, and it equals a file written without interruption."""
+    writer); SIGKILL after 4 of 12 groups (on S3: with parts of a multipart upload sent). Nothing readable
+    is at the target, the rerun writes it whole, and it equals a file written without interruption."""
     from sp2dpo import storage
 
     if where == "s3":
         s3 = request.getfixturevalue("s3")
         root = s3.new_prefix("kill-write")
-        listing = lambda: s3.keys(root)  # what the server really holds
+
+        def listing():  # what the server really holds
+            return s3.keys(root)
     else:
         root = str(tmp_path / "out")
-        listing = lambda: sorted(os.listdir(root)) if os.path.isdir(root) else []
+
+        def listing():
+            return sorted(os.listdir(root)) if os.path.isdir(root) else []
     target, clean = storage.join_uri(root, "pairs.parquet"), storage.join_uri(root, "clean.parquet")
     rc = _write(target, pause=0.5, kill_halfway=True)
     after_kill = listing()

@@ -62,7 +62,8 @@ def test_grid_stages_share_artifacts_and_one_reference_per_student(tmp_path):
         assert stages[name].params["model"] == {"a": "smollm2", "b": "tiny-llama"}[student]
     assert stages["reference-b"].params["train"]["model"] == "tiny-llama"
     assert stages["evaluate-a"].inputs == tuple(n for n in trains if n.startswith("train-a-"))
-    assert set(stages["compare"].inputs) >= {"schedule", "reference-a", "reference-b", "evaluate-a", "evaluate-b", *trains}
+    assert set(stages["compare"].inputs) >= {"schedule", "reference-a", "reference-b", "evaluate-a", "evaluate-b",
+                                             *trains}
 
     keys = plan(config, list(stages.values()), str(tmp_path)).keys
     # A student's model re-keys only that student's stages (and the comparison).
@@ -168,7 +169,8 @@ def test_demo_grid_pipeline_writes_the_comparison(tmp_path):
     command = [str(Path(sys.executable).parent / "sp2dpo"), "pipeline", "--config", "demo-grid", "--json",
                "--set", f"run_dir={run_dir}", "--set", "data.limit=6", "--set", "data.max_tokens=200",
                "--set", "train.max_length=256", "--set", "evaluate.limit=3", "--set", "evaluate.max_tokens=16"]
-    proc = subprocess.run(command, check=False, capture_output=True, text=True, timeout=3300, cwd=tmp_path, env=dict(os.environ))
+    proc = subprocess.run(command, check=False, capture_output=True, text=True, timeout=3300, cwd=tmp_path,
+                          env=dict(os.environ))
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     check_comparison(Path(summary["stages"]["compare"]["path"]))

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -17,8 +16,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from sp2dpo.pipeline.config import PipelineConfig
-from sp2dpo.pipeline.runner import (ERROR_FILE, MANIFEST, MARKER, Stage, StageFailed, StageUnavailable, plan,
-                                    run_pipeline)
+from sp2dpo.pipeline.runner import (
+    ERROR_FILE,
+    MANIFEST,
+    MARKER,
+    Stage,
+    StageFailed,
+    StageUnavailable,
+    plan,
+    run_pipeline,
+)
 from sp2dpo.pipeline.stages import default_stages
 
 REPO = Path(__file__).resolve().parents[1]
@@ -200,7 +207,8 @@ def last(config, sd):
     return {}
 
 config = PipelineConfig.model_validate_json(sys.argv[1])
-stages = [default_stages(config)[0], Stage("slow", slow, None, None, ("data",)), Stage("last", last, None, None, ("slow",))]
+stages = [default_stages(config)[0], Stage("slow", slow, None, None, ("data",)),
+          Stage("last", last, None, None, ("slow",))]
 for r in run_pipeline(config, stages, config.run_dir):
     print("RESULT", r.name, r.status, flush=True)
 """
@@ -302,7 +310,8 @@ def test_reference_stage_scores_once_for_controls_with_the_same_rows(tmp_path, r
     tables = {c: pq.read_table(ref_dir / f"beta-{c}.parquet") for c in config.controls}
     for control in ("global", "shuffled"):
         assert tables[control]["ref_chosen_logps"].equals(tables["semantic"]["ref_chosen_logps"])
-        assert tables[control]["beta"].equals(pq.read_table(Path(results["schedule"].path) / f"beta-{control}.parquet")["beta"])
+        assert tables[control]["beta"].equals(
+            pq.read_table(Path(results["schedule"].path) / f"beta-{control}.parquet")["beta"])
     from sp2dpo.schedule.artifact import read_artifact
 
     assert read_artifact(str(ref_dir / "beta-global.parquet"))[1]["reference"] == \

@@ -120,7 +120,8 @@ def test_prepare_parquet_json_and_saved_hf_dataset_from_s3(s3, tmp_path):
                       show_progress=False)
     # The same 20 rows as one local JSONL file give the same pairs.
     (tmp_path / "same.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    expected = prepare(DataConfig(inputs=[str(tmp_path / "same.jsonl")], out=str(tmp_path / "ref")), show_progress=False)
+    expected = prepare(DataConfig(inputs=[str(tmp_path / "same.jsonl")], out=str(tmp_path / "ref")),
+                       show_progress=False)
     assert (summary["total"], summary["valid"]) == (20, expected["valid"]) and expected["valid"] >= 18
     assert sorted(pq.read_table(summary["pairs"])["pair_id"].to_pylist()) == \
         sorted(pq.read_table(expected["pairs"])["pair_id"].to_pylist())
@@ -236,9 +237,9 @@ def test_generate_and_judge_resume_with_outputs_on_s3(s3):
 
 def test_serve_a_student_saved_on_s3(s3, ray_local, tiny_model_dir):
     import openai
+    from s3_server import free_port
 
     from sp2dpo.serve import ModelConfig, ServeConfig, start_server, stop_server
-    from s3_server import free_port
 
     uri = s3.new_prefix("student")
     storage.upload_dir(str(tiny_model_dir), uri)

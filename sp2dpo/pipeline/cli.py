@@ -52,7 +52,8 @@ def _run_cli(cfg: Any, until: str | None, force: list[str] | None, dry_run: bool
             return {"run_dir": summary["run_dir"], "logs": f"{summary['run_dir']}/logs"}
         # One row per stage reads better than the nested dict.
         rows = {name: f"{s['status']} {s['seconds']:.1f} s  {s['path']}" for name, s in summary["stages"].items()}
-        return {"run_dir": summary["run_dir"], **rows, **({"manifest": summary["manifest"]} if "manifest" in summary else {})}
+        return {"run_dir": summary["run_dir"], **rows,
+                **({"manifest": summary["manifest"]} if "manifest" in summary else {})}
 
     run_and_report(go, as_json, title)
 
@@ -60,9 +61,12 @@ def _run_cli(cfg: Any, until: str | None, force: list[str] | None, dry_run: bool
 def pipeline_cmd(
     config: str = ConfigOpt,
     overrides: list[str] = SetOpt,
-    until: str = typer.Option(None, help="Stop after this stage (data, annotate, schedule, reference, train-<control>, ...; with students: reference-<student>, train-<student>-<artifact>-s<seed>, evaluate-<student>)."),
+    until: str = typer.Option(None, help="Stop after this stage (data, annotate, schedule, reference, train-<control>, "
+                                         "...; with students: reference-<student>, train-<student>-<artifact>-s<seed>, "
+                                         "evaluate-<student>)."),
     force: list[str] = typer.Option(None, help="Rerun this stage even if it is complete (repeatable)."),
-    dry_run: bool = typer.Option(False, "--plan", help="Show each stage's output dir and whether it is complete; run nothing."),
+    dry_run: bool = typer.Option(False, "--plan",
+                                 help="Show each stage's output dir and whether it is complete; run nothing."),
     as_json: bool = JsonOpt,
     verbose: bool = VerboseOpt,
 ) -> None:

@@ -24,7 +24,8 @@ class Student(StageConfig):
     """One backbone of the grid: its own reference log-probs, arms and served models."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64,
-                      description="Names the student's stage dirs and served model ids: letters, digits, `-`, `_`, `.`.")
+                      description="Names the student's stage dirs and served model ids: letters, digits, "
+                                  "`-`, `_`, `.`.")
     model: str = Field(description="A local HF dir, an object-store URI, a bundled name (smollm2, tiny-llama) or a "
                                    "hub id.")
 
@@ -79,7 +80,7 @@ class PipelineConfig(StageConfig):
         return value
 
     @model_validator(mode="after")
-    def _grid(self) -> "PipelineConfig":
+    def _grid(self) -> PipelineConfig:
         names = [s.name for s in self.students]
         if len(set(names)) != len(names):
             raise ValueError(f"students: names must be unique, got {names}")

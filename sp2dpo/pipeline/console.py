@@ -34,8 +34,8 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 def latest_progress(text: str) -> str | None:
     """The newest tqdm bar in `text` as `label 7/12`, or None when there is none."""
     found = None
-    for found in _PROGRESS.finditer(_ANSI.sub("", text)):
-        pass
+    for match in _PROGRESS.finditer(_ANSI.sub("", text)):
+        found = match
     if found is None:
         return None
     label, _, done, total = found.groups()

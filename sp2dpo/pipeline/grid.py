@@ -65,7 +65,8 @@ def grid_arms(config: Any) -> list[Arm]:
             arms.append(Arm(student.name, student.model, "base"))
         for seed in config.seeds:
             if "global" in config.controls:
-                arms += [Arm(student.name, student.model, global_arm(b), "global", b, seed) for b in config.global_betas]
+                arms += [Arm(student.name, student.model, global_arm(b), "global", b, seed)
+                         for b in config.global_betas]
             arms += [Arm(student.name, student.model, c, c, None, seed) for c in ("semantic", "shuffled")
                      if c in config.controls]
     return arms

@@ -134,8 +134,8 @@ def _verdict(delta: dict[str, Any]) -> str:
 
 
 def render_markdown(c: dict[str, Any]) -> str:
-    lines = [(f"# Experiment grid: students {', '.join(s['name'] for s in c['students'])}; global β {c['global_betas']}; "
-              f"seeds {c['seeds']}"),
+    lines = [(f"# Experiment grid: students {', '.join(s['name'] for s in c['students'])}; "
+              f"global β {c['global_betas']}; seeds {c['seeds']}"),
              "", f"Judge: {c['judge']}; LC GLM: {c['glm']}. ★ = the student's tuned global arm.", "",
              "| student | arm | seed | WR (%) | ± SE | LC WR (%) | ± SE | avg length | n | mean β |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -164,10 +164,11 @@ def render_markdown(c: dict[str, Any]) -> str:
               "|---|---:|---|---|---:|---|---:|---|---:|---|"]
     for d in c["deltas"]:
         lines.append(f"| {d['student']} | {d['seed']} | {d['comparison']} | {d['a']} | {d['n_shared']} | "
-                     f"{_delta(d['win_rate'])} | {_num(d['win_rate']['p_value'], '.3f')} | {_delta(d['lc_win_rate'])} | "
-                     f"{_num(d['lc_win_rate'].get('p_value'), '.3f')} | {_verdict(d)} |")
+                     f"{_delta(d['win_rate'])} | {_num(d['win_rate']['p_value'], '.3f')} | "
+                     f"{_delta(d['lc_win_rate'])} | {_num(d['lc_win_rate'].get('p_value'), '.3f')} | {_verdict(d)} |")
     lines += ["", "## Cost and provenance", "",
-              "| student | arm | seed | wall (s) | CPU-h | GPU-h | tokens trained | artifact β digest | reference | train config |",
+              "| student | arm | seed | wall (s) | CPU-h | GPU-h | tokens trained | artifact β digest | reference "
+              "| train config |",
               "|---|---|---:|---:|---:|---:|---:|---|---|---|"]
     for r in c["rows"]:
         if r["cost"] is None:
@@ -176,8 +177,8 @@ def render_markdown(c: dict[str, Any]) -> str:
         ref = p.get("reference") or {}
         ref_text = f"{ref.get('model_id', '?')} ({ref.get('dtype', '?')})" if ref else "–"
         lines.append(f"| {r['student']} | {r['arm']} | {r['seed']} | {k['wall_seconds']:.1f} | {k['cpu_hours']:.4f} | "
-                     f"{k['gpu_hours']:.4f} | {_num(k['tokens_trained'], 'd')} | {(p['artifact_beta_digest'] or '')[:16]} | "
-                     f"{ref_text} | {p['train_config_hash']} |")
+                     f"{k['gpu_hours']:.4f} | {_num(k['tokens_trained'], 'd')} | "
+                     f"{(p['artifact_beta_digest'] or '')[:16]} | {ref_text} | {p['train_config_hash']} |")
     lines += ["", "Reference passes (shared by a student's arms): " + ", ".join(
         f"{s} {v['passes']} pass(es), {v['seconds']:.1f} s" for s, v in c["reference_cost"].items()),
         f"Pipeline config hash: {c['pipeline_config_hash']}"]
@@ -205,8 +206,8 @@ def plot(c: dict[str, Any]) -> bytes:
                label="win rate", color="#4c72b0")
         ax.bar(x + width / 2, lc, width, yerr=[r["lc_standard_error"] or 0 for r in rows], capsize=3,
                label="LC win rate", color="#dd8452")
-        labels = [(r["arm"] + (" ★" if r.get("tuned_global") else "")) + ("" if r["seed"] is None else f"\ns{r['seed']}")
-                  for r in rows]
+        labels = [(r["arm"] + (" ★" if r.get("tuned_global") else ""))
+                  + ("" if r["seed"] is None else f"\ns{r['seed']}") for r in rows]
         ax.set_xticks(x, labels, fontsize=7)
         ax.set_title(student, fontsize=9)
         ax.set_ylabel("%")

@@ -29,11 +29,12 @@ import sys
 import time
 import traceback
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
-from sp2dpo.config import StageConfig
 from sp2dpo import storage
+from sp2dpo.config import StageConfig
 from sp2dpo.storage import join_uri, makedirs, write_json
 
 MARKER = "_SUCCESS.json"
@@ -72,7 +73,7 @@ class Stage:
     """
 
     name: str
-    run: Callable[[Any, "StageDir"], dict[str, Any]]
+    run: Callable[[Any, StageDir], dict[str, Any]]
     section: str | None = None
     config_cls: type[StageConfig] | str | None = None
     inputs: tuple[str, ...] = ()
@@ -169,8 +170,9 @@ def check_run_dir_reachable(run_dir: str) -> None:
         f.write("probe\n")
     try:
         sees = ray.remote(num_cpus=0)(os.path.exists)
-        found = ray.get([sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(probe)
-                         for node in others], timeout=120)
+        refs = [sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(probe)
+                for node in others]
+        found = ray.get(refs, timeout=120)
     finally:
         os.remove(probe)
     blind = [node for node, seen in zip(others, found) if not seen]
@@ -292,7 +294,7 @@ def _run_stage(stage: Stage, config: Any, p: Plan, done: dict[str, StageResult])
     makedirs(path)
     stage_dir = StageDir(stage.name, key, path, p.sections[stage.name], dict(stage.params),
                          {name: done[name] for name in stage.inputs})
-    begun = dt.datetime.now(dt.timezone.utc)
+    begun = dt.datetime.now(dt.UTC)
     t0 = time.perf_counter()
     try:
         summary = stage.run(config, stage_dir) or {}
@@ -307,7 +309,7 @@ def _run_stage(stage: Stage, config: Any, p: Plan, done: dict[str, StageResult])
         "stage": stage.name, "key": key, "version": stage.version, "params": stage.params,
         "config": _dump(p.sections[stage.name]), "inputs": {n: p.keys[n] for n in stage.inputs},
         "summary": summary, "started_at": begun.isoformat(), "seconds": seconds,
-        "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "finished_at": dt.datetime.now(dt.UTC).isoformat(),
     })
     if storage.exists(join_uri(path, ERROR_FILE)):
         storage.delete_file(join_uri(path, ERROR_FILE))

@@ -117,7 +117,8 @@ def evaluation_runs(config: PipelineConfig, sd: StageDir) -> list[dict[str, Any]
         return [{"id": r["id"], "label": r["label"],
                  "path": sd.input_path(r["train_stage"], "model") if r.get("train_stage") else r["model"]}
                 for r in sd.params["runs"]]
-    runs = [{"id": "base", "label": RUN_LABELS["base"], "path": sd.params["base_model"]}] if config.evaluate_base else []
+    runs = ([{"id": "base", "label": RUN_LABELS["base"], "path": sd.params["base_model"]}]
+            if config.evaluate_base else [])
     return runs + [{"id": c, "label": RUN_LABELS[c], "path": sd.input_path(f"train-{c}", "model")}
                    for c in config.controls]
 
@@ -152,8 +153,9 @@ def run_evaluate(config: PipelineConfig, sd: StageDir) -> dict[str, Any]:
                              **local_judge)
             generated = run.generate(cfg)
             judged = run.judge(cfg, generated["model_outputs"])
-            scored = score_annotations(judged["annotations"], glm=cfg.glm, instruction_difficulty=cfg.instruction_difficulty,
-                                       df_gamed=cfg.df_gamed, allow_missing=cfg.allow_missing, eval_set=cfg.eval_set,
+            scored = score_annotations(judged["annotations"], glm=cfg.glm,
+                                       instruction_difficulty=cfg.instruction_difficulty, df_gamed=cfg.df_gamed,
+                                       allow_missing=cfg.allow_missing, eval_set=cfg.eval_set,
                                        hub_files=cfg.hub_files, lc_min_instructions=cfg.lc_min_instructions)
             write_json(sd.join(name, "score.json"), scored)
             summary[name] = {k: scored.get(k) for k in ("win_rate", "lc_win_rate", "n", "n_missing", "avg_length")}
@@ -171,8 +173,8 @@ def run_compare(config: PipelineConfig, sd: StageDir) -> dict[str, Any]:
     for control in config.controls:
         stats = read_sp2dpo_metadata(sd.input_path("reference", f"beta-{control}.parquet")).get("beta_stats") or {}
         details[RUN_LABELS[control]] = {"mean_beta": stats.get("mean"), "target_mean_beta": stats.get("target_mean")}
-    return compare([f"{RUN_LABELS[r]}={sd.input_path('evaluate', r)}" for r in runs], with_paths(sd.config, out=sd.path),
-                   run_details=details)
+    return compare([f"{RUN_LABELS[r]}={sd.input_path('evaluate', r)}" for r in runs],
+                   with_paths(sd.config, out=sd.path), run_details=details)
 
 
 def _input_stages(config: PipelineConfig) -> list[Stage]:
@@ -197,14 +199,16 @@ def default_stages(config: PipelineConfig) -> list[Stage]:
         Stage("reference", run_reference, "reference", "sp2dpo.train.reference:ReferenceConfig", ("data", "schedule"),
               params={"controls": list(config.controls),
                       "train": {"model": train.reference_id(), "max_length": train.max_length, "dtype": train.dtype}},
-              path_fields=("out", "artifact", "pairs", "model", "max_length", "dtype"), description="reference log-probs"),
+              path_fields=("out", "artifact", "pairs", "model", "max_length", "dtype"),
+              description="reference log-probs"),
     ]
     for control in config.controls:
         stages.append(Stage(f"train-{control}", run_train, "train", TRAIN_CONFIG, ("data", "reference"),
                             {"control": control},
                             path_fields=("artifact", "pairs", "out", "name", "storage_path", "compute_reference"),
                             description=f"train the {control} student"))
-    stages.append(Stage("evaluate", run_evaluate, "evaluate", EVALUATE_CONFIG, tuple(f"train-{c}" for c in config.controls),
+    stages.append(Stage("evaluate", run_evaluate, "evaluate", EVALUATE_CONFIG,
+                        tuple(f"train-{c}" for c in config.controls),
                         {"serve": config.serve, "base_model": train.model, "judge_model": config.judge_model,
                          "evaluate_base": config.evaluate_base, "controls": list(config.controls)},
                         path_fields=eval_paths, description="serve base + students + judge; generate, judge, score"))
@@ -258,7 +262,8 @@ def grid_stages(config: PipelineConfig) -> list[Stage]:
             f"evaluate-{student.name}", run_evaluate, "evaluate", EVALUATE_CONFIG,
             tuple(a.train_stage for a in own if a.train_stage),
             {"serve": config.serve, "judge_model": config.judge_model, "runs": runs},
-            path_fields=eval_paths, description=f"serve {student.name}'s base and arms + judge; generate, judge, score"))
+            path_fields=eval_paths,
+            description=f"serve {student.name}'s base and arms + judge; generate, judge, score"))
     inputs = ("schedule", *(f"reference-{s.name}" for s in config.students),
               *(a.train_stage for a in arms if a.train_stage), *(f"evaluate-{s.name}" for s in config.students))
     stages.append(Stage("compare", run_grid_compare, "evaluate", EVALUATE_CONFIG, inputs,
