@@ -25,7 +25,8 @@ def _resolve(run: str) -> tuple[str, str]:
     return name, resolve_annotations(path)
 
 
-def compare(runs: list[str], cfg: EvaluateConfig, run_details: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+def compare(runs: list[str], cfg: EvaluateConfig,
+            run_details: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Score every run; then each run against the baseline run (`baseline_run`, default the
     first): paired ΔWR and ΔLC on the instructions both judged (sp2dpo.evaluate.paired).
     `run_details` adds fields to a run's row by name; a `mean_beta` among them gets a column."""
@@ -78,7 +79,8 @@ def _num(value: float | None, fmt: str = ".2f") -> str:
 
 def _markdown(rows: list[dict], base: str) -> str:
     with_beta = any("mean_beta" in r for r in rows)
-    lines = ["| run | WR (%) | ± SE | LC WR (%) | ± SE | avg length | n |" + (" mean β |" if with_beta else "") + " judge |",
+    beta_header = " mean β |" if with_beta else ""
+    lines = ["| run | WR (%) | ± SE | LC WR (%) | ± SE | avg length | n |" + beta_header + " judge |",
              "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if with_beta else "") + "---|"]
     notes = []
     for r in rows:
