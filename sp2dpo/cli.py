@@ -38,9 +38,9 @@ for stage in (data_cli, annotate_cli, schedule_cli, train_cli, serve_cli, evalua
 # The config class behind each command: its `--help` ends with the class's settings, rendered from
 # their Field descriptions (sp2dpo.config_docs), the same text as the option tables in docs/.
 CONFIG_OF_COMMAND = {
-    "data prepare": "sp2dpo.data.prepare:DataConfig",
+    "data prepare": "sp2dpo.data.config:DataConfig",
     "annotate": "sp2dpo.annotate.config:AnnotateConfig",
-    "schedule": "sp2dpo.schedule.beta:ScheduleConfig",
+    "schedule": "sp2dpo.schedule.config:ScheduleConfig",
     "train": "sp2dpo.train.config:TrainConfig",
     "train reference": "sp2dpo.train.reference:ReferenceConfig",
     "serve": "sp2dpo.serve.config:ServeConfig",

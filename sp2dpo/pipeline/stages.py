@@ -180,7 +180,7 @@ def run_compare(config: PipelineConfig, sd: StageDir) -> dict[str, Any]:
 def _input_stages(config: PipelineConfig) -> list[Stage]:
     """The pairs table and its annotations: the same for one student and for the grid."""
     return [
-        Stage("data", run_data, "data", "sp2dpo.data.prepare:DataConfig", description="pairs table"),
+        Stage("data", run_data, "data", "sp2dpo.data.config:DataConfig", description="pairs table"),
         Stage("annotate", run_annotate, "annotate", "sp2dpo.annotate.config:AnnotateConfig", ("data",),
               params={"teachers": config.teachers}, path_fields=("out", "pairs"),
               description="teacher semantic-gap annotations"),
@@ -194,7 +194,7 @@ def default_stages(config: PipelineConfig) -> list[Stage]:
     eval_paths = ("out", "endpoint", "model", "name")
     stages = [
         *_input_stages(config),
-        Stage("schedule", run_schedule, "schedule", "sp2dpo.schedule.beta:ScheduleConfig", ("data", "annotate"),
+        Stage("schedule", run_schedule, "schedule", "sp2dpo.schedule.config:ScheduleConfig", ("data", "annotate"),
               params={"controls": list(config.controls)}, description="beta artifacts and audit"),
         Stage("reference", run_reference, "reference", "sp2dpo.train.reference:ReferenceConfig", ("data", "schedule"),
               params={"controls": list(config.controls),
@@ -234,7 +234,7 @@ def grid_stages(config: PipelineConfig) -> list[Stage]:
     eval_paths = ("out", "endpoint", "model", "name")
     stages = [
         *_input_stages(config),
-        Stage("schedule", run_schedule, "schedule", "sp2dpo.schedule.beta:ScheduleConfig", ("data", "annotate"),
+        Stage("schedule", run_schedule, "schedule", "sp2dpo.schedule.config:ScheduleConfig", ("data", "annotate"),
               params={"artifacts": specs}, description="beta artifacts shared by every student, and audit"),
     ]
     for student in config.students:
