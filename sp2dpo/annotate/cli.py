@@ -8,13 +8,20 @@ from sp2dpo.cli_common import ConfigOpt, JsonOpt, SetOpt, build_config, run_and_
 
 
 def annotate_cmd(
-    pairs: str = typer.Option(None, "--pairs", "-p", help="pairs.parquet, or the directory `sp2dpo data prepare` wrote."),
-    teacher: str = typer.Option(None, "--teacher", "-t", help="ratings (default, no LLM) | vllm | openai | transformers."),
-    model: str = typer.Option(None, "--model", "-m", help="Model path or id (LLM teachers; default: bundled SmolLM2-135M-Instruct). For openai: the served model name."),
-    prompt_version: str = typer.Option(None, "--prompt-version", help="Teacher prompt: v2 (default) or v2-swapped (fenced); v1, v1-swapped (unfenced, earlier runs)."),
-    out: str = typer.Option(None, "--out", "-o", help="Annotations directory (local path or s3://, gs://); shards go to OUT/<teacher>/<prompt_version>/."),
+    pairs: str = typer.Option(None, "--pairs", "-p", help="pairs.parquet, or the directory `sp2dpo data prepare` "
+                                                          "wrote."),
+    teacher: str = typer.Option(None, "--teacher", "-t", help="ratings (default, no LLM) | vllm | openai | "
+                                                              "transformers."),
+    model: str = typer.Option(None, "--model", "-m", help="Model path or id (LLM teachers; default: bundled "
+                                                          "SmolLM2-135M-Instruct). For openai: the served model name."),
+    prompt_version: str = typer.Option(None, "--prompt-version", help="Teacher prompt: v2 (default) or v2-swapped "
+                                                                      "(fenced); v1, v1-swapped (unfenced, earlier "
+                                                                      "runs)."),
+    out: str = typer.Option(None, "--out", "-o", help="Annotations directory (local path or s3://, gs://); shards go "
+                                                      "to OUT/<teacher>/<prompt_version>/."),
     limit: int = typer.Option(None, "--limit", help="Only the first N pairs of the input."),
-    retry_failed: bool = typer.Option(None, "--retry-failed/--no-retry-failed", help="Re-ask the pairs whose annotation failed."),
+    retry_failed: bool = typer.Option(None, "--retry-failed/--no-retry-failed",
+                                      help="Re-ask the pairs whose annotation failed."),
     base_url: str = typer.Option(None, "--base-url", help="openai teacher: the server's /v1 URL."),
     config: str = ConfigOpt,
     overrides: list[str] = SetOpt,

@@ -12,12 +12,16 @@ app = typer.Typer(help="AlpacaEval 2.0: generate, judge, score (win rate and LC 
 OutOpt = typer.Option(None, "--out", "-o", help="Output directory.")
 LimitOpt = typer.Option(None, help="Only the first N instructions (smoke runs; not leaderboard-comparable).")
 ConcurrencyOpt = typer.Option(None, help="Requests in flight at once.")
-GlmOpt = typer.Option(None, help="length_controlled_v1 (default) | length_controlled_noreg | length_controlled_minimal.")
+GlmOpt = typer.Option(None, help="length_controlled_v1 (default) | length_controlled_noreg | "
+                                 "length_controlled_minimal.")
 DifficultyOpt = typer.Option(None, "--instruction-difficulty",
-                             help="AlpacaEval's instruction_difficulty.csv (else the hub's, when cached or online; else an offline estimate).")
+                             help="AlpacaEval's instruction_difficulty.csv (else the hub's, when cached or online; "
+                                  "else an offline estimate).")
 GamedOpt = typer.Option(None, "--df-gamed",
-                        help="AlpacaEval's df_gamed.csv (else the hub's, when cached or online; else synthesised from the official GLM weights).")
-MissingOpt = typer.Option(None, "--allow-missing", help="Score without rows whose preference is missing/NaN (counted) instead of refusing.")
+                        help="AlpacaEval's df_gamed.csv (else the hub's, when cached or online; else synthesised from "
+                             "the official GLM weights).")
+MissingOpt = typer.Option(None, "--allow-missing", help="Score without rows whose preference is missing/NaN (counted) "
+                                                        "instead of refusing.")
 
 
 def _cfg(**values):
@@ -102,13 +106,15 @@ def score_cmd(
 
 @app.command("compare")
 def compare_cmd(
-    runs: list[str] = typer.Argument(..., help="NAME=DIR (or DIR, or annotations.json) per run, e.g. base=runs/eval/base."),
+    runs: list[str] = typer.Argument(..., help="NAME=DIR (or DIR, or annotations.json) per run, e.g. "
+                                               "base=runs/eval/base."),
     out: str = typer.Option(None, "--out", "-o", help="Where comparison.md/.json/.png go (default: current dir)."),
     glm: str = GlmOpt,
     instruction_difficulty: str = DifficultyOpt,
     df_gamed: str = GamedOpt,
     allow_missing: bool = MissingOpt,
-    baseline: str = typer.Option(None, "--baseline", help="Run NAME the others are compared with (default: the first run)."),
+    baseline: str = typer.Option(None, "--baseline", help="Run NAME the others are compared with (default: the first "
+                                                          "run)."),
     config: str = ConfigOpt,
     overrides: list[str] = SetOpt,
     as_json: bool = JsonOpt,

@@ -9,9 +9,11 @@ from sp2dpo.cli_common import ConfigOpt, JsonOpt, SetOpt, build_config, fail, ru
 
 def schedule_cmd(
     pairs: str = typer.Option(..., "--pairs", help="Pairs table (pairs.parquet from `sp2dpo data prepare`)."),
-    annotations: str = typer.Option(..., "--annotations", help="Annotations: a directory of Parquet shards or one file."),
+    annotations: str = typer.Option(..., "--annotations", help="Annotations: a directory of Parquet shards or one "
+                                                               "file."),
     out: str = typer.Option(..., "--out", "-o", help="Artifact file to write (local path or s3://, gs://)."),
-    control: str = typer.Option("semantic", "--control", help="semantic (SP2DPO) | global (every trained beta = beta0, the same pairs as semantic) | shuffled."),
+    control: str = typer.Option("semantic", "--control", help="semantic (SP2DPO) | global (every trained beta = beta0, "
+                                                              "the same pairs as semantic) | shuffled."),
     config: str = ConfigOpt,
     overrides: list[str] = SetOpt,
     as_json: bool = JsonOpt,

@@ -39,13 +39,17 @@ def _model_specs(specs: list[str], engine: str | None) -> list[dict]:
 def serve_cmd(
     config: str = ConfigOpt,
     overrides: list[str] = SetOpt,
-    model: list[str] = typer.Option(None, "--model", "-m", help="ID=PATH or PATH of a Hugging Face model dir (repeatable); replaces the config's models."),
+    model: list[str] = typer.Option(None, "--model", "-m", help="ID=PATH or PATH of a Hugging Face model dir "
+                                                                "(repeatable); replaces the config's models."),
     engine: str = typer.Option(None, help="Engine for the --model models: transformers | vllm."),
     host: str = typer.Option(None, help="Address the HTTP proxy binds (default 127.0.0.1; 0.0.0.0 for all)."),
     port: int = typer.Option(None, help="HTTP port (default 8000)."),
     api_key_file: str = typer.Option(None, help="File holding the bearer API key (SP2DPO_API_KEY wins when set)."),
-    insecure_no_auth: bool = typer.Option(False, "--insecure-no-auth", help="Serve a non-loopback --host with no API key (anyone reaching the port may use the models)."),
-    detach: bool = typer.Option(False, "--detach", help="Deploy on the running cluster (RAY_ADDRESS) and return; the app keeps serving."),
+    insecure_no_auth: bool = typer.Option(False, "--insecure-no-auth",
+                                          help="Serve a non-loopback --host with no API key (anyone reaching the "
+                                               "port may use the models)."),
+    detach: bool = typer.Option(False, "--detach", help="Deploy on the running cluster (RAY_ADDRESS) and return; the "
+                                                        "app keeps serving."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Serve base and tuned models over the OpenAI API (chat, completions, streaming, logprobs)."""
