@@ -10,6 +10,14 @@ The Serve side goes through everything a client sees: the real `openai` client, 
 the ingress (auth, validation, routing) and a deployment handle.
 
     RESULT serve_overhead_c8 <time per request through Serve / in-process, at concurrency 8>
+
+Then the same requests against the engine alone (`engine.generate`, token ids only: no chat
+layer, no detokenisation, no HTTP), at concurrency 8, short (`--max-tokens`) and long
+(`--long-tokens`, 512, streamed): what everything above the engine costs, and whether streaming
+a long answer stays linear in its length (each streamed piece is decoded incrementally):
+
+    RESULT serve_vs_engine_c8_short <time per request through Serve / engine alone>
+    RESULT serve_vs_engine_c8_long <the same, streamed, --long-tokens>
 """
 
 from __future__ import annotations
@@ -69,6 +77,8 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="HF model dir (default: bundled SmolLM2-135M-Instruct)")
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--long-tokens", type=int, default=512, help="the long, streamed case (0 skips it)")
+    parser.add_argument("--long-rounds", type=int, default=2)
     args = parser.parse_args()
 
     import openai
@@ -76,7 +86,7 @@ def main() -> None:
     from sp2dpo.serve import ModelConfig, ServeConfig, start_server, stop_server
     from sp2dpo.serve.engines import build_engine
     from sp2dpo.serve.openai_layer import OpenAIModel
-    from sp2dpo.serve.protocol import parse_request
+    from sp2dpo.serve.protocol import parse_request, sampling_options
     from sp2dpo.utils import init_ray
 
     threads = os.cpu_count() or 1
@@ -84,9 +94,9 @@ def main() -> None:
     model_cfg = ModelConfig(id="bench", path=args.model, engine=args.engine, num_cpus=1, torch_threads=threads,
                             max_model_len=2048, gpu_memory_utilization=0.12 if args.engine == "vllm" else 0.9)
 
-    def body(prompt: str) -> dict:
+    def body(prompt: str, max_tokens: int | None = None) -> dict:
         return {"model": "bench", "messages": [{"role": "user", "content": prompt}],
-                "max_tokens": args.max_tokens, "temperature": 0}
+                "max_tokens": max_tokens or args.max_tokens, "temperature": 0}
 
     direct = OpenAIModel("bench", build_engine(model_cfg), model_cfg.default_max_tokens)
 
@@ -94,12 +104,23 @@ def main() -> None:
         response = await direct.respond(parse_request(json.dumps(body(prompt)).encode(), "chat"))
         return response["usage"]["completion_tokens"]
 
+    def engine_call(max_tokens: int):
+        async def call_engine(prompt: str) -> int:
+            # The same prompt ids and greedy options the layer would hand the engine; nothing else.
+            req = parse_request(json.dumps(body(prompt, max_tokens)).encode(), "chat")
+            produced = 0
+            async for _ in direct.engine.generate(direct.chat_prompt_ids(req), sampling_options(req), max_tokens):
+                produced += 1
+            return produced
+        return call_engine
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     init_ray(num_cpus=max(2, threads))
     url = start_server(ServeConfig(port=port, models=[model_cfg]), api_key="bench-key")
     results: dict[str, dict[int, dict[str, float]]] = {"in-process": {}, "serve": {}}
+    vs_engine: dict[str, dict[str, dict[str, float]]] = {}
     try:
         async def run_all() -> None:
             client = openai.AsyncOpenAI(base_url=url, api_key="bench-key", max_retries=0, timeout=600)
@@ -107,6 +128,15 @@ def main() -> None:
             async def call_serve(prompt: str) -> int:
                 response = await client.chat.completions.create(**body(prompt))
                 return response.usage.completion_tokens
+
+            async def call_serve_stream(prompt: str) -> int:
+                stream = await client.chat.completions.create(**body(prompt, args.long_tokens), stream=True,
+                                                              stream_options={"include_usage": True})
+                produced = 0
+                async for chunk in stream:
+                    if chunk.usage is not None:
+                        produced = chunk.usage.completion_tokens
+                return produced
 
             warm = _prompts(4)
             await _drive(call_direct, warm, 4)
@@ -121,6 +151,17 @@ def main() -> None:
                         runs[side].append(await _drive(call, prompts, concurrency))
                 for side in runs:
                     results[side][concurrency] = _stats(runs[side])
+            cases = [("short", engine_call(args.max_tokens), call_serve, args.rounds)]
+            if args.long_tokens:
+                cases.append(("long", engine_call(args.long_tokens), call_serve_stream, args.long_rounds))
+            for case, call_engine, call_via_serve, rounds in cases:
+                prompts = _prompts(8)
+                runs = {"engine": [], "serve": []}
+                for r in range(rounds):
+                    order = [("engine", call_engine), ("serve", call_via_serve)]
+                    for side, call in order if r % 2 == 0 else order[::-1]:
+                        runs[side].append(await _drive(call, prompts, 8))
+                vs_engine[case] = {side: _stats(runs[side]) for side in runs}
             await client.close()
 
         asyncio.run(run_all())
@@ -133,13 +174,21 @@ def main() -> None:
     print(f"{'side':<11} {'conc':>4} {'req/s':>7} {'tok/s':>7} {'p50 s':>7} {'p99 s':>7}")
     for side, levels in results.items():
         for concurrency, r in levels.items():
-            print(f"{side:<11} {concurrency:>4} {r['req_per_s']:>7.2f} {r['tok_per_s']:>7.1f} {r['p50_s']:>7.2f} {r['p99_s']:>7.2f}")
+            print(f"{side:<11} {concurrency:>4} {r['req_per_s']:>7.2f} {r['tok_per_s']:>7.1f} {r['p50_s']:>7.2f} "
+                  f"{r['p99_s']:>7.2f}")
     for concurrency in LEVELS:
         ratio = results["in-process"][concurrency]["req_per_s"] / results["serve"][concurrency]["req_per_s"]
         p50 = results["serve"][concurrency]["p50_s"] / results["in-process"][concurrency]["p50_s"]
         print(f"concurrency {concurrency}: time per request via Serve / in-process = {ratio:.3f} (p50 ratio {p50:.3f})")
     overhead = results["in-process"][8]["req_per_s"] / results["serve"][8]["req_per_s"]
     print(f"RESULT serve_overhead_c8 {overhead:.3f}")
+    for case, sides in vs_engine.items():
+        tokens = f"--max-tokens {args.max_tokens}" if case == "short" else f"--long-tokens {args.long_tokens}, streamed"
+        for side, r in sides.items():
+            print(f"{case:<6} {side:<7} c8 {r['req_per_s']:>7.3f} req/s {r['tok_per_s']:>7.1f} tok/s "
+                  f"p50 {r['p50_s']:.2f} s ({tokens})")
+        ratio = sides["engine"]["req_per_s"] / sides["serve"]["req_per_s"]
+        print(f"RESULT serve_vs_engine_c8_{case} {ratio:.3f}")
 
 
 if __name__ == "__main__":
