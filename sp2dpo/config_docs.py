@@ -63,7 +63,7 @@ def default_text(field: Any) -> str:
     if isinstance(value, enum.Enum):
         value = value.value
     text = json.dumps(value, default=str)
-    return f"`{text}`" if len(text) <= 40 else "see the class"
+    return f"`{text}`" if len(text) <= 160 else "see the class"
 
 
 def missing_descriptions(cls: type[BaseModel]) -> list[str]:
