@@ -7,13 +7,17 @@ The loop (`train_loop_per_worker`) reads top to bottom like single-process PyTor
 
     policy log-probs of chosen and rejected (`shared_prompt`: one row per pair, the prompt
       forwarded once, only answer tokens through the LM head; or TRL's two rows and fused head)
-    → dpo_loss with β_i and the *offline* reference log-probs of each pair (no reference model)
+    → loss.batch_loss: dpo_loss with β_i and the *offline* reference log-probs of each pair (no
+      reference model), both read from the batch
     → strategy.backward / strategy.step (DeepSpeed ZeRO-2/3, or plain AdamW/DDP; the learning
       rate from transformers.get_scheduler, as TRL builds it)
     → metrics all-reduced across workers, overall and per semantic category
     → ray.train.report(metrics, checkpoint) every `checkpoint_every` steps
 
-Before any worker starts, the driver refuses an artifact that does not cover the pairs exactly
+Before any worker starts, the driver tokenizes the training pairs once into a cache beside the
+artifact (`tokens.py`; reused while the tokenizer, max_length and rows are unchanged), and each
+worker reads only its own shard of it, a contiguous range of the pairs, as numpy arrays.
+The driver also refuses an artifact that does not cover the pairs exactly
 (`training_pairs`), or whose reference log-probs were made by another model, weights, dtype,
 tokenizer, chat template or max_length. When the artifact has no reference log-probs yet and
 `compute_reference` is on, the driver first runs the Ray Data reference pass (`reference.py`) with
@@ -52,12 +56,13 @@ from sp2dpo.models import resolve_model
 from sp2dpo.schedule.artifact import REF_LOGP_COLUMNS, ArtifactError
 from sp2dpo.storage import absolute, is_uri, join_uri, read_json, read_sp2dpo_metadata, upload_dir, write_json
 from sp2dpo.train.config import TrainConfig
-from sp2dpo.train.data import check_reference, load_training_table, reference_tag, tokenize_table
-from sp2dpo.train.logps import batch_tokens, disable_dropout, load_causal_lm, make_collator
+from sp2dpo.train.data import check_reference, load_training_table, reference_tag
+from sp2dpo.train.logps import batch_tokens, disable_dropout, load_causal_lm, load_tokenizer, make_collator
 from sp2dpo.train.loss import batch_loss
 from sp2dpo.train.metrics import OTHER, Loggers, MetricSums, category_slots, training_summary, write_outputs
 from sp2dpo.train.reference import ReferenceConfig, compute_reference
 from sp2dpo.train.strategy import make_strategy
+from sp2dpo.train.tokens import read_shard, tokenize_once
 from sp2dpo.utils import init_ray, progress_bar
 
 
@@ -72,8 +77,11 @@ def load_student(cfg: TrainConfig) -> tuple[Any, Any]:
 
 
 class StepPlan:
-    """Which pairs each worker sees at each (step, micro-step): a seeded permutation per epoch,
-    cut into global batches of micro × accumulation × workers pairs (the incomplete tail dropped)."""
+    """Which pairs each worker sees at each (step, micro-step). Worker `rank` owns a contiguous
+    shard of the pairs (`shard`), so it loads only those; each epoch it walks a seeded permutation
+    of its shard, micro × accumulation pairs per step, and the steps stop where the smallest shard
+    runs out (the incomplete tail dropped). With one worker the shard is every pair and this is a
+    seeded permutation of the whole table cut into global batches."""
 
     def __init__(self, n_pairs: int, cfg: TrainConfig, world_size: int):
         self.cfg, self.world = cfg, world_size
@@ -85,12 +93,18 @@ class StepPlan:
         self.total_steps = cfg.max_steps or self.steps_per_epoch * cfg.epochs
         self.n_pairs = n_pairs
 
+    def shard(self, rank: int) -> range:
+        """The pairs worker `rank` trains on: disjoint across ranks, together every pair."""
+        return range(rank * self.n_pairs // self.world, (rank + 1) * self.n_pairs // self.world)
+
     def indices(self, step: int, micro: int, rank: int) -> list[int]:
         epoch, within = divmod(step, self.steps_per_epoch)
-        order = np.random.default_rng(self.cfg.seed + epoch).permutation(self.n_pairs)
+        shard = self.shard(rank)
+        # floor(n / world) // per-worker batch == n // global batch: every shard lasts the epoch.
+        order = np.random.default_rng(self.cfg.seed + epoch).permutation(len(shard))
         m = self.cfg.micro_batch_size
-        start = within * self.global_batch + (micro * self.world + rank) * m
-        return order[start: start + m].tolist()
+        start = (within * self.cfg.gradient_accumulation_steps + micro) * m
+        return (shard.start + order[start: start + m]).tolist()
 
 
 
@@ -107,13 +121,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed)
 
     model, tokenizer = load_student(cfg)
-    table, _ = load_training_table(cfg.artifact, cfg.pairs, require_ref=True)
-    examples = tokenize_table(table, tokenizer, cfg.max_length)
+    tokens = loop_config["tokens"]
+    plan = StepPlan(tokens["tag"]["rows"], cfg, world)
+    pairs = read_shard(tokens, plan.shard(rank), tokenizer)
     categories = category_slots()
     slot = {name: i for i, name in enumerate(categories)}
-    category_ids = [slot.get(c, slot[OTHER]) for c in table["category"].to_pylist()]
+    category_ids = [slot.get(c, slot[OTHER]) for c in pairs.category]
     collate = make_collator(cfg.shared_prompt, tokenizer.pad_token_id, cfg.max_length)
-    plan = StepPlan(len(examples), cfg, world)
     strategy = make_strategy(cfg, world, rank, device)
     strategy.prepare(model, plan.total_steps)
 
@@ -141,7 +155,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             _maybe_fail(cfg, step, rank)
             # The step's micro-batches are collated first (a dataloader's job); the clock times the compute.
             plans = [plan.indices(step, micro, rank) for micro in range(cfg.gradient_accumulation_steps)]
-            micro_batches = [(idx, collate([examples[i] for i in idx])) for idx in plans]
+            micro_batches = [(idx, collate([pairs.example(i) for i in idx])) for idx in plans]
             t0 = time.perf_counter()
             step_sums = MetricSums(len(categories))
             for idx, cpu_batch in micro_batches:
@@ -149,7 +163,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 out = batch_loss(strategy.model, batch, cfg.loss_type, cfg.label_smoothing)
                 strategy.backward(out.losses.mean())
                 strategy.step()
-                step_sums.add(out, batch["beta"], [category_ids[i] for i in idx], batch_tokens(batch))
+                step_sums.add(out, batch["beta"], [category_ids[i - pairs.start] for i in idx], batch_tokens(batch))
             step_sums.reduce()
             seconds = time.perf_counter() - t0
             state["train_seconds"] += seconds
@@ -247,9 +261,10 @@ def reference_config(cfg: TrainConfig) -> Any:
                            shared_prompt=cfg.shared_prompt)
 
 
-def prepare_artifact(cfg: TrainConfig, show_progress: bool = True) -> TrainConfig:
+def prepare_artifact(cfg: TrainConfig, show_progress: bool = True) -> tuple[TrainConfig, dict[str, Any]]:
     """Check the artifact against the pairs and the reference model (computing the reference
-    log-probs first when missing and allowed); return the config pointing at the checked artifact."""
+    log-probs first when missing and allowed) and tokenize its pairs once (`tokens.tokenize_once`);
+    return the config pointing at the checked artifact, and the tokenized pairs {path, tag, reused}."""
     table, metadata = load_training_table(cfg.artifact, cfg.pairs)
     if not all(c in table.column_names for c in REF_LOGP_COLUMNS):
         if not cfg.compute_reference:
@@ -260,7 +275,7 @@ def prepare_artifact(cfg: TrainConfig, show_progress: bool = True) -> TrainConfi
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.reference_id()))
     check_reference(metadata, reference_tag(cfg.reference_id(), tokenizer, cfg.max_length, cfg.dtype), cfg.artifact)
     StepPlan(table.num_rows, cfg, cfg.num_workers)  # refuses fewer pairs than one global batch
-    return cfg
+    return cfg, tokenize_once(table, load_tokenizer(cfg.model), cfg.max_length, cfg.artifact)
 
 
 def train(cfg: TrainConfig, show_progress: bool = True) -> dict[str, Any]:
@@ -271,7 +286,7 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> dict[str, Any]:
     local = {k: absolute(v) for k in (*paths, "model", "reference_model")
              if (v := getattr(cfg, k)) and not is_uri(v) and (k in paths or os.path.exists(v))}
     cfg = cfg.model_copy(update=local)
-    cfg = prepare_artifact(cfg, show_progress)
+    cfg, tokens = prepare_artifact(cfg, show_progress)
     init_ray()
     storage = absolute(cfg.storage_path or join_uri(cfg.out, "ray"))
     # Hub access is the cluster's setting: pass the driver's choice through, never force one.
@@ -279,7 +294,7 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> dict[str, Any]:
     env["TOKENIZERS_PARALLELISM"] = "false"
     trainer = ray.train.torch.TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "show_progress": show_progress},
+        train_loop_config={"config": cfg.model_dump(mode="json"), "tokens": tokens, "show_progress": show_progress},
         torch_config=ray.train.torch.TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                                resources_per_worker=cfg.resources_per_worker),
@@ -298,6 +313,6 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> dict[str, Any]:
     if checkpoint and is_uri(storage):  # pyarrow paths carry no scheme
         checkpoint = f"{storage.split('://', 1)[0]}://{checkpoint}"
     summary.update({"artifact": cfg.artifact, "reference": read_sp2dpo_metadata(cfg.artifact).get("reference"),
-                    "checkpoint": checkpoint,
+                    "checkpoint": checkpoint, "tokens": tokens["path"], "tokens_reused": tokens["reused"],
                     "out": cfg.out, "wall_seconds": round(time.perf_counter() - t0, 2)})
     return summary
