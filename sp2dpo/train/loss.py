@@ -47,8 +47,9 @@ class DPOLossOutput:
     accuracies: torch.Tensor  # 1.0 where the implicit reward prefers the chosen answer
 
 
-def as_beta_tensor(beta: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """β as a [batch] tensor on `like`'s device; refuses shapes that would broadcast silently."""
+def as_beta_tensor(beta: float | torch.Tensor, like: torch.Tensor, check_positive: bool = True) -> torch.Tensor:
+    """β as a [batch] tensor on `like`'s device; refuses shapes that would broadcast silently and,
+    with `check_positive`, a β_i <= 0 (reading the values back is a device sync on a GPU)."""
     if not isinstance(beta, torch.Tensor):
         beta = torch.full_like(like, float(beta))
     if beta.dim() == 0:
@@ -56,7 +57,7 @@ def as_beta_tensor(beta: float | torch.Tensor, like: torch.Tensor) -> torch.Tens
     if beta.shape != like.shape:
         raise ValueError(f"beta must be a scalar or have shape {tuple(like.shape)} (one per pair), "
                          f"got {tuple(beta.shape)}")
-    if not bool(torch.all(beta > 0)):
+    if check_positive and not bool(torch.all(beta > 0)):
         raise ValueError("every beta must be > 0")
     return beta.to(device=like.device, dtype=like.dtype)
 
@@ -71,13 +72,15 @@ def dpo_loss(
     label_smoothing: float = 0.0,
     chosen_lengths: torch.Tensor | None = None,
     rejected_lengths: torch.Tensor | None = None,
+    check_beta: bool = True,
 ) -> DPOLossOutput:
-    """Per-pair DPO-family losses; see the module docstring for the formulas."""
+    """Per-pair DPO-family losses; see the module docstring for the formulas. `check_beta=False`
+    skips the β_i > 0 check for callers that checked their β once already."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {list(LOSS_TYPES)}")
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
-    beta = as_beta_tensor(beta, policy_chosen_logps)
+    beta = as_beta_tensor(beta, policy_chosen_logps, check_beta)
     chosen_logratios = policy_chosen_logps - ref_chosen_logps
     rejected_logratios = policy_rejected_logps - ref_rejected_logps
     h = chosen_logratios - rejected_logratios
@@ -105,11 +108,12 @@ def dpo_loss(
 def batch_loss(model: Any, batch: dict[str, Any], loss_type: str = "sigmoid",
                label_smoothing: float = 0.0) -> DPOLossOutput:
     """Per-pair DPO outputs for one collated batch (either layout): the policy's log-probs from
-    `model`, β_i and the offline reference log-probs from the batch's own [B] columns."""
+    `model`, β_i and the offline reference log-probs from the batch's own [B] columns. β_i > 0 was
+    checked once when the pairs were loaded (`tokens.check_beta`), not here at every step."""
     chosen, rejected = batch_logps(model, batch)
     lengths = (None, None)
     if loss_type == "ipo":
         lengths = tuple(n.to(chosen.dtype) for n in completion_lengths(batch))
     return dpo_loss(chosen, rejected, batch["ref_chosen_logps"].to(chosen.dtype),
                     batch["ref_rejected_logps"].to(chosen.dtype), batch["beta"], loss_type, label_smoothing,
-                    lengths[0], lengths[1])
+                    lengths[0], lengths[1], check_beta=False)
