@@ -1,6 +1,7 @@
 """The CPU-runnable stages at the paper's scale: 59,960 pairs (UltraFeedback binarized's size).
 
     python benchmarks/bench_scale.py [--n 59960] [--curve 6000,20000,59960] [--skip-ingest]
+    python benchmarks/bench_scale.py --only-ingest [--ingest-n 59960] [--ingest-workers 16]
 
 The bundled 1,000-row sample's valid pairs are replicated, each copy made unique, to `--n` distinct
 pair_ids. This process starts one local Ray instance; every step runs in its own process (joining
@@ -17,8 +18,12 @@ included) every 0.2 s. "Peak RSS" is that tree's peak during the step less the t
   command again: 0 pairs lost and 0 duplicated is the pass mark;
 - schedule: `build_artifact` (consensus, β schedule, artifact write) + `read_artifact` +
   `verify_artifact`;
-- training-data ingest, measured only: `sp2dpo.train.data.tokenize_table` over the training rows
-  of the artifact with the SmolLM2 tokenizer, as each Ray Train worker runs it before its first step.
+- training-data ingest, as `sp2dpo train` does it: the driver tokenizes the training rows once
+  (`sp2dpo.train.tokens.tokenize_once`, the SmolLM2 tokenizer, no max_length) into the cache
+  beside the artifact; then one Ray Train worker of `--ingest-workers` reads its shard of that
+  cache (`read_shard`) and collates its first micro-batch: its time to the first step's data,
+  and the RSS that adds. `--only-ingest` makes the inputs at `--ingest-n` (prepare, annotate
+  with the ratings teacher, schedule) and runs only this step.
 The scaling curve repeats prepare, annotate (ratings) and schedule at each size of `--curve` and
 fits the exponent b of seconds ∝ n^b (least squares on log-log; 1 is linear). Step seconds for the
 curve are the stage's own time (Ray start-up excluded), wall seconds are printed beside them.
@@ -99,24 +104,47 @@ def step_schedule(pairs: str, annotations: str, out: str) -> dict:
     return {"seconds": t_end - t0, "build_s": t_built - t0, "verify_s": t_end - t_built, "pairs": s["pairs"]}
 
 
-def step_ingest(pairs: str, artifact: str) -> dict:
+def step_tokenize(pairs: str, artifact: str) -> dict:
+    """The driver's one-off pass: every training pair tokenized into the cache beside the artifact."""
     import resource
 
-    from transformers import AutoTokenizer
-
     from sp2dpo.models import bundled_model_dir
-    from sp2dpo.schedule.artifact import training_pairs
-    from sp2dpo.train.data import tokenize_table
+    from sp2dpo.train.data import load_training_table
+    from sp2dpo.train.logps import load_tokenizer
+    from sp2dpo.train.tokens import tokenize_once
 
-    table = training_pairs(artifact, pairs)
-    tokenizer = AutoTokenizer.from_pretrained(bundled_model_dir())
+    table, _ = load_training_table(artifact, pairs)
+    tokenizer = load_tokenizer(bundled_model_dir())
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t0 = time.perf_counter()
-    examples = tokenize_table(table, tokenizer, None)  # no length refusal: every pair is tokenized whole
+    tokens = tokenize_once(table, tokenizer, None, artifact)  # no length refusal: every pair is tokenized whole
     seconds = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"seconds": seconds, "rows": len(examples), "rss_added_mb": after - before,
-            "pairs_per_s": len(examples) / seconds}
+    return {"seconds": seconds, "rows": table.num_rows, "rss_added_mb": after - before,
+            "pairs_per_s": table.num_rows / seconds, "tokens": tokens, "reused": tokens["reused"]}
+
+
+def step_ingest(tokens: dict, workers: int) -> dict:
+    """One Ray Train worker's ingest before its first step: its shard of the cache, one micro-batch."""
+    import resource
+
+    from sp2dpo.models import bundled_model_dir
+    from sp2dpo.train.config import TrainConfig
+    from sp2dpo.train.logps import load_tokenizer, make_collator
+    from sp2dpo.train.tokens import read_shard
+    from sp2dpo.train.trainer import StepPlan
+
+    tokenizer = load_tokenizer(bundled_model_dir())  # the worker loads it with the model anyway
+    cfg = TrainConfig(num_workers=workers, strategy="torch", max_length=None)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    t0 = time.perf_counter()
+    plan = StepPlan(tokens["tag"]["rows"], cfg, workers)
+    shard = read_shard(tokens, plan.shard(0), tokenizer)
+    collate = make_collator(cfg.shared_prompt, tokenizer.pad_token_id, cfg.max_length)
+    collate([shard.example(i) for i in plan.indices(0, 0, 0)])
+    seconds = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"seconds": seconds, "rows": len(shard), "workers": workers, "rss_added_mb": after - before}
 
 
 def serve_stand_in(port: int) -> None:
@@ -143,7 +171,8 @@ def serve_stand_in(port: int) -> None:
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
-STEPS = {"prepare": step_prepare, "annotate": step_annotate, "schedule": step_schedule, "ingest": step_ingest}
+STEPS = {"prepare": step_prepare, "annotate": step_annotate, "schedule": step_schedule, "tokenize": step_tokenize,
+         "ingest": step_ingest}
 
 
 def child_main(name: str, args_json: str) -> None:
@@ -263,7 +292,12 @@ def main() -> None:
     # The openai, kill-and-resume and ingest steps at a smaller size (default --n), for a loaded machine.
     parser.add_argument("--openai-n", type=int, default=None)
     parser.add_argument("--ingest-n", type=int, default=None)
+    parser.add_argument("--ingest-workers", type=int, default=16)
+    parser.add_argument("--only-ingest", action="store_true", help="make the inputs at --ingest-n, run only ingest")
     args = parser.parse_args()
+    if args.only_ingest:
+        args.curve, args.skip_openai, args.skip_ingest = "", True, False
+        args.n = args.ingest_n = args.ingest_n or args.n
     openai_n, ingest_n = args.openai_n or args.n, args.ingest_n or args.n
     sizes = sorted({int(x) for x in args.curve.split(",") if x} | {args.n, openai_n, ingest_n})
     print(f"sizes={sizes} cpus={os.cpu_count()} [{_load()}]", flush=True)
@@ -348,11 +382,14 @@ def main() -> None:
 
         if not args.skip_ingest:
             d = f"{tmp}/n{ingest_n}"
-            big["ingest"] = run("ingest", pairs=f"{d}/data/pairs.parquet", artifact=f"{d}/beta.parquet")
-            print(fmt(f"n={ingest_n} train ingest (tokenize_table, one worker)", big["ingest"]), flush=True)
+            big["tokenize"] = run("tokenize", pairs=f"{d}/data/pairs.parquet", artifact=f"{d}/beta.parquet")
+            print(fmt(f"n={ingest_n} train tokenize once (driver)", big["tokenize"]), flush=True)
+            big["ingest"] = run("ingest", tokens=big["tokenize"]["tokens"], workers=args.ingest_workers)
+            print(fmt(f"n={ingest_n} train ingest (one worker of {args.ingest_workers}: its shard, first batch)",
+                      big["ingest"]), flush=True)
 
     print()
-    for stage in ("prepare", "annotate_ratings", "schedule"):
+    for stage in ("prepare", "annotate_ratings", "schedule") if len(sizes) > 1 else ():
         points = [(n, results[n][stage]["seconds"]) for n in sizes]
         curve = ", ".join(f"{n}: {s:.2f} s" for n, s in points)
         print(f"{stage} curve: {curve}; fitted exponent {fit_exponent(points):.2f}")
@@ -371,6 +408,8 @@ def main() -> None:
         print(f"RESULT scale_kill_resume_{tag(openai_n)}_lost {big['kill_resume']['lost']}")
         print(f"RESULT scale_kill_resume_{tag(openai_n)}_duplicated {big['kill_resume']['duplicated']}")
     if "ingest" in big:
+        print(f"RESULT train_tokenize_once_{tag(ingest_n)}_seconds {big['tokenize']['seconds']:.1f}")
+        print(f"RESULT train_tokenize_once_{tag(ingest_n)}_rss_mb {big['tokenize']['rss_added_mb']:.0f}")
         print(f"RESULT train_ingest_{tag(ingest_n)}_seconds {big['ingest']['seconds']:.1f}")
         print(f"RESULT train_ingest_{tag(ingest_n)}_rss_mb {big['ingest']['rss_added_mb']:.0f}")
 
