@@ -71,7 +71,7 @@ class S3Server:
         return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"],
                             aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
 
-    def start(self, timeout: float = 60) -> "S3Server":
+    def start(self, timeout: float = 60) -> S3Server:
         server = Path(sys.executable).parent / "moto_server"
         log = open(self.log_path, "wb")
         # moto builds each multipart upload in memory; glibc's default thresholds then keep the
@@ -110,7 +110,7 @@ class S3Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
 
-    def __enter__(self) -> "S3Server":
+    def __enter__(self) -> S3Server:
         return self.start()
 
     def __exit__(self, *exc) -> None:
