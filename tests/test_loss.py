@@ -44,7 +44,8 @@ def test_label_smoothing_hinge_and_ipo():
     torch.testing.assert_close(cdpo, -0.9 * F.logsigmoid(beta * h) - 0.1 * F.logsigmoid(-beta * h))
     torch.testing.assert_close(dpo_loss(pc, pr, rc, rr, beta, "hinge").losses, torch.relu(1 - beta * h))
     torch.testing.assert_close(dpo_loss(pc, pr, rc, rr, beta, "ipo").losses, (h - 1 / (2 * beta)) ** 2)
-    lc, lr = torch.tensor([3.0, 5, 7, 2, 1, 9], dtype=torch.float64), torch.tensor([4.0, 1, 2, 8, 6, 3], dtype=torch.float64)
+    lc = torch.tensor([3.0, 5, 7, 2, 1, 9], dtype=torch.float64)
+    lr = torch.tensor([4.0, 1, 2, 8, 6, 3], dtype=torch.float64)
     ipo_norm = dpo_loss(pc, pr, rc, rr, beta, "ipo", chosen_lengths=lc, rejected_lengths=lr).losses
     torch.testing.assert_close(ipo_norm, ((pc - rc) / lc - (pr - rr) / lr - 1 / (2 * beta)) ** 2)
     robust = dpo_loss(pc, pr, rc, rr, beta, "robust", label_smoothing=0.2).losses

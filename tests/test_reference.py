@@ -41,7 +41,8 @@ def test_reference_pass_writes_tagged_artifact_keeping_metadata(sample, local_re
     assert after.num_rows == before.num_rows
     assert after["pair_id"].to_pylist() == before["pair_id"].to_pylist()
     assert {k: v for k, v in meta_after.items() if k != "reference"} == meta_before
-    assert meta_after["reference"] == reference_tag(str(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir), 512)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert meta_after["reference"] == reference_tag(str(tiny_model_dir), tokenizer, 512)
     trained = training_pairs(summary["artifact"], pairs)
     assert summary["scored_pairs"] == trained.num_rows
     assert trained["ref_chosen_logps"].null_count == 0
@@ -61,7 +62,8 @@ def test_offline_reference_equals_trl_in_loop_reference(sample, local_ref, tiny_
     _, pairs, _ = sample
     _, summary = local_ref
     rows = training_pairs(summary["artifact"], pairs).to_pylist()
-    dataset = Dataset.from_list([conversation(r["prompt"], r["prompt_messages"], r["chosen"], r["rejected"]) for r in rows])
+    dataset = Dataset.from_list([conversation(r["prompt"], r["prompt_messages"], r["chosen"], r["rejected"])
+                                 for r in rows])
     trainer = DPOTrainer(
         model=AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
         ref_model=AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
@@ -102,8 +104,8 @@ def test_reference_pass_refuses_mismatched_artifact(sample, tmp_path, tiny_model
     import pyarrow.parquet as pq
 
     from sp2dpo.schedule.artifact import ArtifactError
-    from sp2dpo.train.reference import ReferenceConfig, compute_reference
     from sp2dpo.storage import read_parquet, write_parquet
+    from sp2dpo.train.reference import ReferenceConfig, compute_reference
 
     _, pairs, artifact = sample
     fewer = str(tmp_path / "fewer_pairs.parquet")

@@ -204,7 +204,8 @@ def test_trl_route_gets_the_same_dropout_setting(sample, dropout_model_dir, tmp_
         assert args.disable_dropout is disable
         trainer = PerPairBetaDPOTrainer(model=AutoModelForCausalLM.from_pretrained(dropout_model_dir),
                                         ref_model=AutoModelForCausalLM.from_pretrained(dropout_model_dir), args=args,
-                                        train_dataset=dataset, processing_class=AutoTokenizer.from_pretrained(dropout_model_dir))
+                                        train_dataset=dataset,
+                                        processing_class=AutoTokenizer.from_pretrained(dropout_model_dir))
         assert attention_rates(trainer.model) == rates and attention_rates(trainer.ref_model) == rates
 
 
@@ -252,8 +253,9 @@ def test_lr_schedule_equals_transformers_and_trl(sample, tiny_model_dir, tmp_pat
     assert _own_lrs(in_backward, tiny_model_dir, total) == expected
 
     dataset = Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c", "beta": 0.1}])
-    trainer = PerPairBetaDPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir), args=dpo_config(cfg, str(tmp_path)),
-                                    train_dataset=dataset, processing_class=AutoTokenizer.from_pretrained(tiny_model_dir))
+    trainer = PerPairBetaDPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                    args=dpo_config(cfg, str(tmp_path)), train_dataset=dataset,
+                                    processing_class=AutoTokenizer.from_pretrained(tiny_model_dir))
     trainer.create_optimizer_and_scheduler(num_training_steps=total)
     trl_lrs = []
     for _ in range(total):

@@ -91,7 +91,8 @@ def test_constant_beta_equals_stock_trl_loss_and_gradients(sample, tiny_model_di
     for name in stock_grads:
         torch.testing.assert_close(our_grads[name], stock_grads[name], rtol=0, atol=1e-6, msg=name)
     # Reward metrics are TRL's own, computed with the per-pair tensor.
-    assert ours._metrics["train"]["rewards/margins"] == pytest.approx(stock._metrics["train"]["rewards/margins"], abs=1e-6)
+    margins = ours._metrics["train"]["rewards/margins"]
+    assert margins == pytest.approx(stock._metrics["train"]["rewards/margins"], abs=1e-6)
 
 
 def test_our_tokenization_matches_trl(sample, tiny_model_dir, tmp_path):
