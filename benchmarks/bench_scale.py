@@ -273,7 +273,8 @@ def fit_exponent(points: list[tuple[int, float]]) -> float:
 def fmt(name: str, r: dict) -> str:
     extra = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items()
              if k not in ("wall_s", "peak_rss_mb", "load", "seconds")}
-    return (f"{name}: {r['seconds']:.2f} s in the stage, {r['wall_s']:.1f} s wall, peak RSS added {r['peak_rss_mb']:,.0f} MB "
+    return (f"{name}: {r['seconds']:.2f} s in the stage, {r['wall_s']:.1f} s wall, peak RSS added "
+            f"{r['peak_rss_mb']:,.0f} MB "
             f"[{r['load']}] {extra}")
 
 
@@ -324,7 +325,8 @@ def main() -> None:
             r = results[n] = {}
             r["prepare"] = run("prepare", jsonl=f"{d}/pairs.jsonl", out=f"{d}/data")
             print(fmt(f"n={n} prepare", r["prepare"]), flush=True)
-            r["annotate_ratings"] = run("annotate", config={"pairs": f"{d}/data", "out": f"{d}/ann", "teacher": "ratings"})
+            r["annotate_ratings"] = run("annotate",
+                                        config={"pairs": f"{d}/data", "out": f"{d}/ann", "teacher": "ratings"})
             print(fmt(f"n={n} annotate ratings", r["annotate_ratings"]), flush=True)
             r["schedule"] = run("schedule", pairs=f"{d}/data/pairs.parquet", annotations=f"{d}/ann",
                                 out=f"{d}/beta.parquet")
@@ -375,7 +377,8 @@ def main() -> None:
                 if not path.name.startswith(".tmp-"):
                     keys += pq.read_table(path, columns=["pair_id"])["pair_id"].to_pylist()
             lost, duplicated = len(set(ids) - set(keys)), len(keys) - len(set(keys))
-            print(f"n={openai_n} kill -9 at {before} rows ({before / openai_n:.0%}), resume: skipped={resumed['skipped']} "
+            print(f"n={openai_n} kill -9 at {before} rows ({before / openai_n:.0%}), resume: "
+                  f"skipped={resumed['skipped']} "
                   f"annotated={resumed['annotated']} failed={resumed['failed']}, {resumed['wall_s']:.1f} s wall; "
                   f"rows in shards {len(keys)}, lost {lost}, duplicated {duplicated} [{resumed['load']}]", flush=True)
             big["kill_resume"] = {"killed_at_rows": before, "lost": lost, "duplicated": duplicated}

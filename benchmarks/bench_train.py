@@ -12,8 +12,9 @@
    max_length, fp32, fused AdamW, gradient checkpointing on (TRL's DPOConfig default;
    `--no-gradient-checkpointing` turns it off on both sides). Ours lays each pair out as one
    row sharing the prompt's forward (`shared_prompt`, exact; `--no-shared-prompt` gives it TRL's
-   two rows per pair, to see what the layout alone is worth). Each runs in its own process; tokens/s is the attention-masked tokens over the
-   summed optimizer-step time (counted the same way on both sides: prompt + answer, twice per pair), peak memory is that process's peak RSS (`ru_maxrss`) on CPU and
+   two rows per pair, to see what the layout alone is worth). Each runs in its own process; tokens/s
+   is the attention-masked tokens over the summed optimizer-step time (counted the same way on both
+   sides: prompt + answer, twice per pair), peak memory is that process's peak RSS (`ru_maxrss`) on CPU and
    `torch.cuda.max_memory_allocated` on a GPU, so the runs never share a peak. The one-off
    reference pass is timed and printed separately.
 
@@ -184,8 +185,9 @@ import json, sys
 from sp2dpo.train.trainer import TrainConfig, train
 a = json.loads(sys.argv[1])
 cfg = TrainConfig(artifact=a["artifact"], pairs=a["pairs"], model=a["model"], out=a["out"], strategy="torch",
-                  max_length=512, micro_batch_size=a["batch"], max_steps=a["steps"], learning_rate=1e-6, checkpoint_every=10**6,
-                  tensorboard=False, compute_reference=False, use_gpu=a["device"] == "cuda", gradient_checkpointing=a["checkpointing"],
+                  max_length=512, micro_batch_size=a["batch"], max_steps=a["steps"], learning_rate=1e-6,
+                  checkpoint_every=10**6, tensorboard=False, compute_reference=False, use_gpu=a["device"] == "cuda",
+                  gradient_checkpointing=a["checkpointing"],
                   shared_prompt=a["shared_prompt"], **a["extra"])
 s = train(cfg, show_progress=False)
 print("RESULT_JSON " + json.dumps({"tokens": s["tokens"], "train_seconds": s["train_seconds"],
@@ -239,7 +241,8 @@ def main() -> None:
               f"(median of paired ratios {pp['loss_ratio']:.3f})")
         print(f"whole step of our loop: with per-pair beta median {pp['step_per_pair_s']:.3f}s; with TRL's scalar-beta "
               f"loss median {pp['step_trl_s']:.3f}s (median of paired ratios {pp['step_ratio']:.4f})")
-        common = {"artifact": ref["artifact"], "pairs": pairs, "model": args.model, "steps": args.steps, "device": device,
+        common = {"artifact": ref["artifact"], "pairs": pairs, "model": args.model, "steps": args.steps,
+                  "device": device,
                   "checkpointing": args.checkpointing, "shared_prompt": args.shared_prompt,
                   "batch": args.micro_batch_size}
         trl = run_child(TRL_CHILD, {**common, "out": str(Path(tmp) / "trl"), "precompute": False})

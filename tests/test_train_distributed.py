@@ -66,7 +66,7 @@ def test_resumed_run_matches_uninterrupted_run(sample_with_ref, tiny_model_dir, 
     common = dict(artifact=artifact, pairs=pairs, model=str(tiny_model_dir), num_workers=1, strategy="torch",
                   max_length=256, learning_rate=2e-3, micro_batch_size=2, max_steps=6, checkpoint_every=2,
                   compute_reference=False)
-    clean = train(TrainConfig(out=str(tmp_path / "clean"), **common), show_progress=False)
+    train(TrainConfig(out=str(tmp_path / "clean"), **common), show_progress=False)
     killed = train(TrainConfig(out=str(tmp_path / "killed"),
                                fault_injection={"step": 3, "marker": str(tmp_path / "m")}, **common),
                    show_progress=False)

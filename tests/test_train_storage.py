@@ -83,7 +83,8 @@ def test_ray_data_reference_pass_writes_its_artifact_to_s3(s3, inputs_on_s3, ray
     ray = compute_reference(ReferenceConfig(out=storage.join_uri(root, "ref", "ray.parquet"), engine="ray",
                                             num_workers=1, **common), False)
     assert s3.keys(storage.join_uri(root, "ref")) == ["local.parquet", "ray.parquet"]
-    assert ray["artifact"] == storage.join_uri(root, "ref", "ray.parquet") and ray["scored_pairs"] == local["scored_pairs"]
+    assert ray["artifact"] == storage.join_uri(root, "ref", "ray.parquet")
+    assert ray["scored_pairs"] == local["scored_pairs"]
     (a, _), (b, meta) = read_artifact(local["artifact"]), read_artifact(ray["artifact"])
     assert meta["reference"] == local["reference"]
     for name in ("ref_chosen_logps", "ref_rejected_logps"):
@@ -104,13 +105,15 @@ def test_a_rank_fetches_only_its_own_zero_shards(s3):
 
     root = s3.new_prefix("ckpt")
     shared = ["latest", "trainer_state.json", "zero_to_fp32.py", "ckpt/mp_rank_00_model_states.pt"]
-    shards = {r: [f"ckpt/zero_pp_rank_{r}_mp_rank_00_optim_states.pt", f"ckpt/bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt",
+    shards = {r: [f"ckpt/zero_pp_rank_{r}_mp_rank_00_optim_states.pt",
+                  f"ckpt/bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt",
                   f"ckpt/zero_pp_rank_{r}_mp_rank_00_model_states.pt"] for r in (0, 1)}
     for name in shared + shards[0] + shards[1]:
         storage.write_text(storage.join_uri(root, name), name)
     cfg = TrainConfig(strategy="deepspeed", num_workers=2)
     for rank in (0, 1):
-        with rank_checkpoint_dir(Checkpoint(root), DeepSpeedStrategy(cfg, 2, rank, torch.device("cpu")).needs_file) as d:
+        needs_file = DeepSpeedStrategy(cfg, 2, rank, torch.device("cpu")).needs_file
+        with rank_checkpoint_dir(Checkpoint(root), needs_file) as d:
             assert _files(d) == set(shared + shards[rank])
             assert open(os.path.join(d, shards[rank][0])).read() == shards[rank][0]
     elastic = cfg.model_copy(update={"deepspeed_config": {"zero_optimization": {"elastic_checkpoint": True}}})
@@ -146,7 +149,8 @@ def test_killed_zero2_worker_resumes_from_s3_fetching_only_its_shards(s3, tiny_m
                                fault_injection={"step": 3, "rank": 1, "marker": str(marker)}, **common),
                    show_progress=False)
     assert marker.exists() and killed["resumed_from_steps"] == [2] and clean["resumed_from_steps"] == []
-    losses = [[json.loads(line)["loss"] for line in storage.read_text(storage.join_uri(d, "metrics.jsonl")).splitlines()]
+    losses = [[json.loads(line)["loss"]
+               for line in storage.read_text(storage.join_uri(d, "metrics.jsonl")).splitlines()]
               for d in (str(tmp_path / "clean"), out)]
     assert len(losses[1]) == 6 and losses[0] == pytest.approx(losses[1], abs=1e-5)
     assert {"model/model.safetensors", "training_summary.json"} <= set(s3.keys(out))
@@ -159,5 +163,6 @@ def test_killed_zero2_worker_resumes_from_s3_fetching_only_its_shards(s3, tiny_m
     assert {shard[0], shard[1], "ckpt/mp_rank_00_model_states.pt", "trainer_state.json"} <= on_s3
     cfg = TrainConfig(**common)
     for rank in (0, 1):
-        with rank_checkpoint_dir(Checkpoint(last), DeepSpeedStrategy(cfg, 2, rank, torch.device("cpu")).needs_file) as d:
+        needs_file = DeepSpeedStrategy(cfg, 2, rank, torch.device("cpu")).needs_file
+        with rank_checkpoint_dir(Checkpoint(last), needs_file) as d:
             assert _files(d) == on_s3 - {shard[1 - rank]}
