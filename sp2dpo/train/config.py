@@ -14,9 +14,9 @@ class FaultInjection(BaseModel):
     """Test-only: worker `rank` exits abruptly before `step`, once (a marker file records it)."""
 
     model_config = ConfigDict(extra="forbid")
-    step: int = Field(ge=1)
-    rank: int = 0
-    marker: str
+    step: int = Field(ge=1, description="The optimizer step before which the worker exits.")
+    rank: int = Field(0, description="The rank of the worker that exits.")
+    marker: str = Field(description="A file written when the fault fires, so it fires once.")
 
 
 class TrainConfig(StageConfig):

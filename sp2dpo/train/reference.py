@@ -41,18 +41,23 @@ from sp2dpo.utils import progress_bar
 class ReferenceConfig(StageConfig):
     """`sp2dpo train reference` settings."""
 
-    artifact: str = "runs/beta.parquet"
-    pairs: str = "runs/data/pairs.parquet"
-    out: str | None = None  # default: the artifact path with a `.ref` suffix before `.parquet`
-    model: str = "smollm2"  # the reference model: usually the student's starting point
-    max_length: int | None = 1024  # must equal training's max_length (stored in the tag)
-    batch_size: int = Field(8, ge=1)  # pairs per forward pass
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # must equal training's dtype (stored in the tag)
-    shared_prompt: bool = True  # score both answers in one row, the prompt forwarded once (same values)
-    engine: Literal["local", "ray"] = "local"
-    num_workers: int = Field(1, ge=1)  # Ray Data scorer actors
-    num_cpus: float = 1.0  # per actor
-    num_gpus: float = 0.0  # per actor; 1 on GPU clusters
+    artifact: str = Field("runs/beta.parquet", description="The β artifact whose trained pairs are scored.")
+    pairs: str = Field("runs/data/pairs.parquet", description="The pairs table the artifact was built from.")
+    out: str | None = Field(None, description="Where the artifact with ref_*_logps goes (default: the artifact "
+                                              "path with a `.ref` suffix before `.parquet`).")
+    model: str = Field("smollm2", description="The reference model: usually the student's starting point.")
+    max_length: int | None = Field(1024, description="Tokens per sequence; must equal training's max_length (stored "
+                                                     "in the reference tag).")
+    batch_size: int = Field(8, ge=1, description="Pairs per forward pass.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Must equal training's dtype (stored in the reference tag).")
+    shared_prompt: bool = Field(True, description="Score both answers in one row, the prompt forwarded once (the "
+                                                  "same values).")
+    engine: Literal["local", "ray"] = Field("local", description="local: in this process; ray: Ray Data batch "
+                                                                 "inference over num_workers actors.")
+    num_workers: int = Field(1, ge=1, description="Ray Data scorer actors (engine: ray).")
+    num_cpus: float = Field(1.0, description="CPUs per scorer actor.")
+    num_gpus: float = Field(0.0, description="GPUs per scorer actor; 1 on GPU clusters.")
 
     def out_path(self) -> str:
         if self.out:
