@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import typer
+from pydantic import BaseModel
 
 from sp2dpo.config import StageConfig, load_config
 from sp2dpo.utils import print_json_summary
@@ -18,6 +19,17 @@ ConfigOpt = typer.Option(None, "--config", "-c",
                          help="YAML config (a stage config, or a pipeline config with a section per stage).")
 SetOpt = typer.Option(None, "--set", "-s", help="Override a config value: key.sub=value (repeatable).")
 JsonOpt = typer.Option(False, "--json", help="Print a machine-readable JSON summary as the last line of stdout.")
+
+
+def field_option(cls: type[BaseModel], name: str, *flags: str, default: Any = None, **kwargs: Any) -> Any:
+    """A typer option whose help is config field `name`'s description.
+
+    A flag that sets a config field says what the YAML key (and the docs' option table) says, from the one
+    text in the config class, so the two cannot drift apart. The default stays None ("not given"), which
+    build_config drops so the config/YAML value holds; a flag with no off-form (--insecure-no-auth)
+    takes default=False, and its command passes `value or None`.
+    """
+    return typer.Option(default, *flags, help=cls.model_fields[name].description, **kwargs)
 
 
 def build_config(cls: type[C], config: str | None, overrides: list[str] | None, section: str,

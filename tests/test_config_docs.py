@@ -88,3 +88,20 @@ def test_the_stage_table_of_docs_pipeline_names_the_pipelines_stages():
                            + "$") for d in documented]
     assert all(any(p.match(name) for name in actual) for p in patterns), (documented, actual)
     assert all(any(p.match(name) for p in patterns) for name in actual), (documented, actual)
+
+
+@pytest.mark.parametrize(("command", "flag", "path", "field"), [
+    (["train"], "--num-workers", "sp2dpo.train.config:TrainConfig", "num_workers"),
+    (["annotate"], "--teacher", "sp2dpo.annotate.config:AnnotateConfig", "teacher"),
+    (["data", "prepare"], "--engine", "sp2dpo.data.config:DataConfig", "engine"),
+    (["serve"], "--port", "sp2dpo.serve.config:ServeConfig", "port"),
+    (["evaluate", "score"], "--glm", "sp2dpo.evaluate.config:EvaluateConfig", "glm"),
+])
+def test_a_flag_that_sets_a_config_field_has_the_field_s_description_as_help(command, flag, path, field):
+    # rich sizes the help panel from COLUMNS (terminal_width is click's): wide enough that no help text wraps.
+    result = CliRunner().invoke(app, [*command, "--help"], terminal_width=200, env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    # The options panel only: the config-keys list below it repeats every description anyway.
+    options = " ".join(result.output.split("Config keys")[0].split())
+    description = " ".join(load_object(path).model_fields[field].description.split())
+    assert f"{flag} " in options and description in options, options

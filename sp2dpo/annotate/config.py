@@ -104,15 +104,18 @@ class AnnotateConfig(StageConfig):
     """`sp2dpo annotate` settings."""
 
     pairs: str = Field("runs/data/pairs.parquet", description="pairs.parquet, or the directory `data prepare` wrote.")
-    out: str = Field("runs/annotations", description="Output directory; shards go to OUT/<teacher>/<prompt_version>/.")
+    out: str = Field("runs/annotations", description="Output directory (local path or s3://, gs://); shards go to "
+                                                     "OUT/<teacher>/<prompt_version>/.")
     teacher: Literal["ratings", "vllm", "openai", "transformers"] = Field(
-        "ratings", description="Which teacher annotates: the score-gap rules or an LLM engine.")
-    model: str | None = Field(None, description="Teacher model path or id; None: the bundled SmolLM2-135M-Instruct "
-                                                "(required for openai).")
+        "ratings", description="Which teacher annotates: ratings (the score-gap rules, no LLM) or an LLM engine: "
+                               "vllm, openai or transformers.")
+    model: str | None = Field(None, description="Teacher model path or id (for openai: the served model name); None: "
+                                                "the bundled SmolLM2-135M-Instruct (openai needs a name).")
     teacher_name: str | None = Field(None, description="The `teacher` value stored in each row; None: "
                                                        "\"<engine>:<model name>\".")
-    prompt_version: str | None = Field(None, description="Prompt version; None: v2 for LLM teachers (fenced), "
-                                                         "ratings-v1 for ratings.")
+    prompt_version: str | None = Field(None, description="Teacher prompt: v2 or v2-swapped (fenced), v1 or "
+                                                         "v1-swapped (unfenced, earlier runs); None: v2 for LLM "
+                                                         "teachers, ratings-v1 for ratings.")
     limit: int | None = Field(None, ge=0, description="Annotate only the first N pairs of the input.")
     retry_failed: bool = Field(False, description="Ask again the pairs whose annotation failed.")
     shard_rows: int = Field(1024, ge=1, description="A shard is written every shard_rows rows, or every flush_s "

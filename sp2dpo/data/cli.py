@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import typer
 
-from sp2dpo.cli_common import ConfigOpt, JsonOpt, SetOpt, build_config, run_and_report
+from sp2dpo.cli_common import ConfigOpt, JsonOpt, SetOpt, build_config, field_option, run_and_report
+from sp2dpo.data.config import DataConfig
 
 app = typer.Typer(help="Prepare the canonical pairs table (validation and quarantine).", no_args_is_help=True)
 
@@ -13,15 +14,15 @@ app = typer.Typer(help="Prepare the canonical pairs table (validation and quaran
 def prepare_cmd(
     inputs: list[str] = typer.Argument(None, help="JSONL/JSON/Parquet files, saved HF dataset dirs, or bundled names "
                                                   "(ultrafeedback-sample)."),
-    out: str = typer.Option(None, "--out", "-o", help="Output directory (local path or s3://, gs://)."),
-    engine: str = typer.Option(None, help="local | ray | auto (Ray Data above ray_min_bytes of input)."),
-    limit: int = typer.Option(None, help="Keep at most N valid pairs."),
+    out: str = field_option(DataConfig, "out", "--out", "-o"),
+    engine: str = field_option(DataConfig, "engine"),
+    limit: int = field_option(DataConfig, "limit"),
     config: str = ConfigOpt,
     overrides: list[str] = SetOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Write OUT/pairs.parquet and OUT/quarantine.parquet: every input row lands in exactly one."""
-    from sp2dpo.data.prepare import DataConfig, prepare
+    from sp2dpo.data.prepare import prepare
 
     cfg = build_config(DataConfig, config, overrides, "data", inputs=inputs or None, out=out, engine=engine,
                        limit=limit)

@@ -4,41 +4,34 @@ from __future__ import annotations
 
 import typer
 
-from sp2dpo.cli_common import ConfigOpt, JsonOpt, SetOpt, build_config, run_and_report
+from sp2dpo.cli_common import ConfigOpt, JsonOpt, SetOpt, build_config, field_option, run_and_report
+from sp2dpo.evaluate.config import EvaluateConfig
 
 app = typer.Typer(help="AlpacaEval 2.0: generate, judge, score (win rate and LC win rate), compare runs.",
                   no_args_is_help=True)
 
-OutOpt = typer.Option(None, "--out", "-o", help="Output directory.")
-LimitOpt = typer.Option(None, help="Only the first N instructions (smoke runs; not leaderboard-comparable).")
-ConcurrencyOpt = typer.Option(None, help="Requests in flight at once.")
-GlmOpt = typer.Option(None, help="length_controlled_v1 (default) | length_controlled_noreg | "
-                                 "length_controlled_minimal.")
-DifficultyOpt = typer.Option(None, "--instruction-difficulty",
-                             help="AlpacaEval's instruction_difficulty.csv (else the hub's, when cached or online; "
-                                  "else an offline estimate).")
-GamedOpt = typer.Option(None, "--df-gamed",
-                        help="AlpacaEval's df_gamed.csv (else the hub's, when cached or online; else synthesised from "
-                             "the official GLM weights).")
-MissingOpt = typer.Option(None, "--allow-missing", help="Score without rows whose preference is missing/NaN (counted) "
-                                                        "instead of refusing.")
+OutOpt = field_option(EvaluateConfig, "out", "--out", "-o")
+LimitOpt = field_option(EvaluateConfig, "limit")
+ConcurrencyOpt = field_option(EvaluateConfig, "concurrency")
+GlmOpt = field_option(EvaluateConfig, "glm")
+DifficultyOpt = field_option(EvaluateConfig, "instruction_difficulty", "--instruction-difficulty")
+GamedOpt = field_option(EvaluateConfig, "df_gamed", "--df-gamed")
+MissingOpt = field_option(EvaluateConfig, "allow_missing", "--allow-missing")
 
 
 def _cfg(**values):
-    from sp2dpo.evaluate.config import EvaluateConfig
-
     config, overrides = values.pop("config"), values.pop("overrides")
     return build_config(EvaluateConfig, config, overrides, "evaluate", **values)
 
 
 @app.command("generate")
 def generate_cmd(
-    endpoint: str = typer.Option(None, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1."),
-    model: str = typer.Option(None, help="Model id at the endpoint."),
-    name: str = typer.Option(None, help="Generator name written in model_outputs.json (default: the model id)."),
+    endpoint: str = field_option(EvaluateConfig, "endpoint"),
+    model: str = field_option(EvaluateConfig, "model"),
+    name: str = field_option(EvaluateConfig, "name"),
     out: str = OutOpt,
     limit: int = LimitOpt,
-    max_tokens: int = typer.Option(None, help="Most tokens per answer (default 2048)."),
+    max_tokens: int = field_option(EvaluateConfig, "max_tokens"),
     concurrency: int = ConcurrencyOpt,
     config: str = ConfigOpt,
     overrides: list[str] = SetOpt,
@@ -57,9 +50,9 @@ def judge_cmd(
     model_outputs: str = typer.Argument(..., help="model_outputs.json (AlpacaEval format)."),
     endpoint: str = typer.Option(None, help="Judge's OpenAI-compatible base URL."),
     model: str = typer.Option(None, help="Judge model id (gpt-4-1106-preview = the leaderboard's judge)."),
-    out: str = typer.Option(None, "--out", "-o", help="Output directory (default: beside MODEL_OUTPUTS)."),
+    out: str = OutOpt,
     limit: int = LimitOpt,
-    seed: int = typer.Option(None, help="Seed of the output-order randomisation (0 = alpaca_eval's)."),
+    seed: int = field_option(EvaluateConfig, "seed"),
     concurrency: int = ConcurrencyOpt,
     config: str = ConfigOpt,
     overrides: list[str] = SetOpt,
@@ -108,7 +101,7 @@ def score_cmd(
 def compare_cmd(
     runs: list[str] = typer.Argument(..., help="NAME=DIR (or DIR, or annotations.json) per run, e.g. "
                                                "base=runs/eval/base."),
-    out: str = typer.Option(None, "--out", "-o", help="Where comparison.md/.json/.png go (default: current dir)."),
+    out: str = OutOpt,
     glm: str = GlmOpt,
     instruction_difficulty: str = DifficultyOpt,
     df_gamed: str = GamedOpt,

@@ -12,13 +12,16 @@ from sp2dpo.config import StageConfig
 class EvaluateConfig(StageConfig):
     """`sp2dpo evaluate` settings: generate, judge, score and compare."""
 
-    out: str | None = Field(None, description="Where outputs, annotations and reports are written.")
+    out: str | None = Field(None, description=(
+        "Where outputs, annotations and reports are written; None: judge writes beside model_outputs.json, compare "
+        "into the current directory."))
     eval_set: str = Field("alpaca-eval", description=(
         "The eval set: the bundled 805 AlpacaEval 2.0 instructions with their reference outputs."))
     limit: int | None = Field(None, ge=1, description=(
         "Only the first N instructions (smoke runs; such scores are not leaderboard-comparable)."))
 
-    endpoint: str | None = Field(None, description="generate: the student's OpenAI-compatible base URL.")
+    endpoint: str | None = Field(None, description=(
+        "generate: the student's OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1."))
     model: str | None = Field(None, description="generate: the model id at the endpoint.")
     name: str | None = Field(None, description="generate: the `generator` written in model_outputs.json; None: the "
                                                "model id.")
@@ -41,10 +44,15 @@ class EvaluateConfig(StageConfig):
     request_timeout_s: float = Field(600.0, gt=0, description="Per-request timeout in seconds, for both clients.")
 
     glm: Literal["length_controlled_v1", "length_controlled_noreg", "length_controlled_minimal"] = Field(
-        "length_controlled_v1", description="score: the length-controlled GLM of alpaca_eval to fit.")
+        "length_controlled_v1", description=(
+            "score: the length-controlled GLM of alpaca_eval to fit: length_controlled_v1, length_controlled_noreg "
+            "or length_controlled_minimal."))
     instruction_difficulty: str | None = Field(None, description=(
-        "score: AlpacaEval's official instruction_difficulty.csv, when you have it (else the offline estimate)."))
-    df_gamed: str | None = Field(None, description="score: AlpacaEval's official df_gamed.csv, when you have it.")
+        "score: AlpacaEval's official instruction_difficulty.csv, when you have it; None: the hub's (hub_files), "
+        "else an offline estimate."))
+    df_gamed: str | None = Field(None, description=(
+        "score: AlpacaEval's official df_gamed.csv, when you have it; None: the hub's (hub_files), else synthesised "
+        "from the official GLM weights."))
     hub_files: bool = Field(True, description=(
         "score: look for df_gamed.csv / instruction_difficulty.csv through huggingface_hub (cache first; a download "
         "only when online and HF_HUB_OFFLINE is unset); false: never look."))

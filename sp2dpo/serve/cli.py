@@ -16,7 +16,8 @@ from pathlib import Path
 
 import typer
 
-from sp2dpo.cli_common import ConfigOpt, JsonOpt, SetOpt, build_config, fail, run_and_report
+from sp2dpo.cli_common import ConfigOpt, JsonOpt, SetOpt, build_config, fail, field_option, run_and_report
+from sp2dpo.serve.config import ServeConfig
 
 
 def _model_specs(specs: list[str], engine: str | None) -> list[dict]:
@@ -42,19 +43,15 @@ def serve_cmd(
     model: list[str] = typer.Option(None, "--model", "-m", help="ID=PATH or PATH of a Hugging Face model dir "
                                                                 "(repeatable); replaces the config's models."),
     engine: str = typer.Option(None, help="Engine for the --model models: transformers | vllm."),
-    host: str = typer.Option(None, help="Address the HTTP proxy binds (default 127.0.0.1; 0.0.0.0 for all)."),
-    port: int = typer.Option(None, help="HTTP port (default 8000)."),
-    api_key_file: str = typer.Option(None, help="File holding the bearer API key (SP2DPO_API_KEY wins when set)."),
-    insecure_no_auth: bool = typer.Option(False, "--insecure-no-auth",
-                                          help="Serve a non-loopback --host with no API key (anyone reaching the "
-                                               "port may use the models)."),
+    host: str = field_option(ServeConfig, "host"),
+    port: int = field_option(ServeConfig, "port"),
+    api_key_file: str = field_option(ServeConfig, "api_key_file"),
+    insecure_no_auth: bool = field_option(ServeConfig, "insecure_no_auth", "--insecure-no-auth", default=False),
     detach: bool = typer.Option(False, "--detach", help="Deploy on the running cluster (RAY_ADDRESS) and return; the "
                                                         "app keeps serving."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Serve base and tuned models over the OpenAI API (chat, completions, streaming, logprobs)."""
-    from sp2dpo.serve.config import ServeConfig
-
     if engine is not None and engine not in ("transformers", "vllm"):
         fail(f"--engine must be transformers or vllm, got {engine!r}")
     if engine is not None and not model:

@@ -81,7 +81,7 @@ class ServeConfig(StageConfig):
     """The whole OpenAI-compatible app: where it listens, who may call it, which models it hosts."""
 
     host: str = Field("127.0.0.1", description=(
-        "Address to listen on; any address but loopback needs a key (or insecure_no_auth)."))
+        "Address to listen on (0.0.0.0: all); any address but loopback needs a key (or insecure_no_auth)."))
     port: int = Field(8000, ge=1, le=65535, description="Port to listen on.")
     models: list[ModelConfig] = Field(default_factory=list, description=(
         "The served models; none listed = the bundled SmolLM2-135M-Instruct as `base`."))

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import typer
 
-from sp2dpo.cli_common import ConfigOpt, JsonOpt, SetOpt, build_config, run_and_report
+from sp2dpo.cli_common import ConfigOpt, JsonOpt, SetOpt, build_config, field_option, run_and_report
+from sp2dpo.train.config import TrainConfig
 
 app = typer.Typer(help="Per-pair DPO training (Ray Train + DeepSpeed) and offline reference log-probs.",
                   invoke_without_command=True)
@@ -19,18 +20,17 @@ def train_cmd(
     ctx: typer.Context,
     config: str = ConfigOpt,
     overrides: list[str] = SetOpt,
-    artifact: str = typer.Option(None, help="β artifact (Parquet), ideally with reference log-probs."),
-    pairs: str = typer.Option(None, help="Pairs table the artifact was built for."),
-    model: str = typer.Option(None, help="Student to start from: a local HF dir or `smollm2`."),
-    out: str = typer.Option(None, "--out", "-o", help="Where the model, summary, curves and logs go."),
+    artifact: str = field_option(TrainConfig, "artifact"),
+    pairs: str = field_option(TrainConfig, "pairs"),
+    model: str = field_option(TrainConfig, "model"),
+    out: str = field_option(TrainConfig, "out", "--out", "-o"),
     output_dir: str = typer.Option(None, "--output-dir", hidden=True, help="Deprecated name of --out."),
-    num_workers: int = typer.Option(None, help="Ray Train workers."),
+    num_workers: int = field_option(TrainConfig, "num_workers"),
     as_json: bool = JsonOpt,
 ) -> None:
     """Train with β_i read per pair: `sp2dpo train --config train.yaml`."""
     if ctx.invoked_subcommand is not None:
         return
-    from sp2dpo.train.config import TrainConfig
     from sp2dpo.train.trainer import train
 
     cfg = build_config(TrainConfig, config, overrides, "train", artifact=artifact, pairs=pairs, model=model,
