@@ -2,6 +2,7 @@
 
     python benchmarks/bench_scale.py [--n 59960] [--curve 6000,20000,59960] [--skip-ingest]
     python benchmarks/bench_scale.py --only-ingest [--ingest-n 59960] [--ingest-workers 16]
+    python benchmarks/bench_scale.py --curve "" --skip-ingest --openai-kill-only   # openai + kill at 59,960
 
 The bundled 1,000-row sample's valid pairs are replicated, each copy made unique, to `--n` distinct
 pair_ids. This process starts one local Ray instance; every step runs in its own process (joining
@@ -292,6 +293,8 @@ def main() -> None:
     parser.add_argument("--skip-openai", action="store_true")
     # The openai, kill-and-resume and ingest steps at a smaller size (default --n), for a loaded machine.
     parser.add_argument("--openai-n", type=int, default=None)
+    parser.add_argument("--openai-kill-only", action="store_true",
+                        help="skip the uninterrupted openai run; its rate comes from the killed run + its resume")
     parser.add_argument("--ingest-n", type=int, default=None)
     parser.add_argument("--ingest-workers", type=int, default=16)
     parser.add_argument("--only-ingest", action="store_true", help="make the inputs at --ingest-n, run only ingest")
@@ -353,9 +356,11 @@ def main() -> None:
                         if time.time() > deadline:
                             raise
                         time.sleep(0.2)
-                big["annotate_openai"] = run("annotate", config=openai_config(f"{d}/data", f"{d}/ann_openai", port))
-                print(fmt(f"n={openai_n} annotate openai (stand-in server: the plumbing's ceiling, not a teacher)",
-                          big["annotate_openai"]), flush=True)
+                if not args.openai_kill_only:
+                    big["annotate_openai"] = run("annotate",
+                                                 config=openai_config(f"{d}/data", f"{d}/ann_openai", port))
+                    print(fmt(f"n={openai_n} annotate openai (stand-in server: the plumbing's ceiling, not a teacher)",
+                              big["annotate_openai"]), flush=True)
 
                 out = f"{d}/ann_kill"
                 step = Step("annotate", config=openai_config(f"{d}/data", out, port))
@@ -364,6 +369,7 @@ def main() -> None:
                         raise RuntimeError("the run ended before the kill: " + step.proc.stderr.read()[-2000:])
                     time.sleep(0.05)
                 step.kill()
+                killed_after_s, killed_peak_mb = time.perf_counter() - step.t0, step.peak_mb - step.base_mb
                 before = shard_rows(out)
                 resumed = run("annotate", config=openai_config(f"{d}/data", out, port))
             finally:
@@ -381,7 +387,14 @@ def main() -> None:
                   f"skipped={resumed['skipped']} "
                   f"annotated={resumed['annotated']} failed={resumed['failed']}, {resumed['wall_s']:.1f} s wall; "
                   f"rows in shards {len(keys)}, lost {lost}, duplicated {duplicated} [{resumed['load']}]", flush=True)
-            big["kill_resume"] = {"killed_at_rows": before, "lost": lost, "duplicated": duplicated}
+            both_s = killed_after_s + resumed["wall_s"]
+            print(f"n={openai_n} the killed run wrote {before} rows in {killed_after_s:.1f} s wall (peak RSS added "
+                  f"{killed_peak_mb:,.0f} MB); with the resume, {len(set(keys))} rows in {both_s:.1f} s wall, "
+                  f"{len(set(keys)) / both_s:.1f} pairs/s end to end (peak RSS added {resumed['peak_rss_mb']:,.0f} MB "
+                  f"in the resume)", flush=True)
+            big["kill_resume"] = {"killed_at_rows": before, "lost": lost, "duplicated": duplicated,
+                                  "pairs_per_s": len(set(keys)) / both_s,
+                                  "peak_rss_mb": max(killed_peak_mb, resumed["peak_rss_mb"])}
 
         if not args.skip_ingest:
             d = f"{tmp}/n{ingest_n}"
@@ -410,6 +423,8 @@ def main() -> None:
     if "kill_resume" in big:
         print(f"RESULT scale_kill_resume_{tag(openai_n)}_lost {big['kill_resume']['lost']}")
         print(f"RESULT scale_kill_resume_{tag(openai_n)}_duplicated {big['kill_resume']['duplicated']}")
+        print(f"RESULT scale_kill_resume_{tag(openai_n)}_pairs_per_s {big['kill_resume']['pairs_per_s']:.1f}")
+        print(f"RESULT scale_kill_resume_{tag(openai_n)}_peak_rss_mb {big['kill_resume']['peak_rss_mb']:.0f}")
     if "ingest" in big:
         print(f"RESULT train_tokenize_once_{tag(ingest_n)}_seconds {big['tokenize']['seconds']:.1f}")
         print(f"RESULT train_tokenize_once_{tag(ingest_n)}_rss_mb {big['tokenize']['rss_added_mb']:.0f}")

@@ -1,7 +1,8 @@
 """Training cost of per-pair β, and our trainer against stock TRL, on the same model, data, machine.
 
-    python benchmarks/bench_train.py [--model smollm2] [--pairs 48] [--steps 6] [--micro-batch-size 8]
-                                     [--device cpu|cuda] [--no-gradient-checkpointing] [--no-shared-prompt]
+    python benchmarks/bench_train.py [--model smollm2|random-smollm2-1.7b|PATH] [--pairs 48] [--steps 6]
+                                     [--micro-batch-size 8] [--device cpu|cuda] [--dtype float32|bfloat16]
+                                     [--no-gradient-checkpointing] [--no-shared-prompt] [--peak-tflops F]
 
 1. per_pair_overhead: step time of our loop with a [B] β tensor vs one global β, alternating on
    the same batches in one process; the median over rounds of the paired ratio (goal ≤ 1.01:
@@ -27,6 +28,14 @@
    `optimizer_in_backward` (AdamW stepped per parameter inside backward, each gradient freed at
    once), which needs clipping off; TRL keeps its default clipping, which costs it no
    measurable memory (per-tensor norms only).
+3. On a GPU, bf16 (`--dtype bfloat16`, the default there: both sides load the model in bf16, TRL
+   with `bf16=True`) and MFU per trainer: model FLOPs per second over the GPU's peak dense bf16
+   FLOP/s (`--peak-tflops`, or looked up from the device name for H100/H200/A100). Model FLOPs are
+   6 × (parameters, input embedding excluded) per token, with tokens counted as TRL's two-row
+   batch holds them on both sides: the same useful work, so MFU ranks the trainers as tokens/s
+   does (ours forwards each prompt once, so the FLOPs it spends are fewer than it is credited).
+   `--model random-smollm2-1.7b` builds a SmolLM2-1.7B-shaped model (24 layers, hidden 2048,
+   SmolLM2's tokenizer) with random weights, as the real 1.7B weights are not bundled.
 """
 
 from __future__ import annotations
@@ -44,6 +53,50 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 CONTROLS = 3  # students trained on one artifact's reference pass: semantic, global, shuffled
+# Peak dense bf16 tensor FLOP/s (no sparsity), from the vendors' data sheets.
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0}
+# SmolLM2-1.7B's shape (its config.json), for a random-weights stand-in of that size.
+SMOLLM2_1_7B = {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 24, "num_attention_heads": 32,
+                "num_key_value_heads": 32, "max_position_embeddings": 8192, "rope_theta": 130000.0}
+
+
+def random_smollm2(shape: dict, target: Path, dtype: str) -> str:
+    """A Llama model of `shape` with random weights and SmolLM2's tokenizer, saved to `target`."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from sp2dpo.models import bundled_model_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(bundled_model_dir())
+    config = LlamaConfig(vocab_size=len(tokenizer), tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **shape)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(getattr(torch, dtype))
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return str(target)
+
+
+def training_flops_per_token(model_path: str) -> float:
+    """6 × parameters (the input embedding excluded: a lookup; a tied LM head counted once, as
+    the matmul it is) per token: forward 2N, backward 4N."""
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(model_path)
+    head_dim = c.hidden_size // c.num_attention_heads
+    attention = c.hidden_size * head_dim * (2 * c.num_attention_heads + 2 * c.num_key_value_heads)
+    mlp = 3 * c.hidden_size * c.intermediate_size
+    lm_head = c.hidden_size * c.vocab_size
+    return 6.0 * (c.num_hidden_layers * (attention + mlp) + lm_head)
+
+
+def peak_tflops(requested: float | None) -> float | None:
+    import torch
+
+    if requested:
+        return requested
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
 
 
 def trl_scalar_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=None,
@@ -65,7 +118,7 @@ def trl_scalar_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
 
 
 def per_pair_overhead(model_id: str, pairs: str, artifact: str, steps: int, device: str, batch: int,
-                      shared_prompt: bool) -> dict[str, float]:
+                      shared_prompt: bool, dtype: str = "float32") -> dict[str, float]:
     """Per-pair β against TRL's scalar β, where they differ: the loss on the same logits, and our
     whole step with `dpo_loss` (β a [B] tensor) against the same step with TRL's scalar-β loss
     swapped in (`sp2dpo.train.loss.dpo_loss` replaced for that variant), alternating on the same
@@ -97,8 +150,8 @@ def per_pair_overhead(model_id: str, pairs: str, artifact: str, steps: int, devi
                 loss_times[variant].append((time.perf_counter() - t0) / 100)
 
     cfg = TrainConfig(model=model_id, strategy="torch", max_length=512, micro_batch_size=batch, learning_rate=1e-6,
-                      use_gpu=device == "cuda", shared_prompt=shared_prompt)
-    model, tok = load_causal_lm(model_id)
+                      use_gpu=device == "cuda", shared_prompt=shared_prompt, dtype=dtype)
+    model, tok = load_causal_lm(model_id, dtype=dtype)
     table, _ = load_training_table(artifact, pairs, require_ref=True)
     examples = tokenize_table(table, tok, cfg.max_length)
     collate = make_collator(cfg.shared_prompt, tok.pad_token_id, cfg.max_length)
@@ -164,12 +217,14 @@ def timed_precompute(self, *args, **kwargs):
 DPOTrainer._precompute_ref_logps = timed_precompute
 
 cuda = a["device"] == "cuda"
-args = DPOConfig(output_dir=a["out"], use_cpu=not cuda, bf16=False, beta=0.1, per_device_train_batch_size=a["batch"],
+dtype = getattr(torch, a["dtype"])
+args = DPOConfig(output_dir=a["out"], use_cpu=not cuda, bf16=a["dtype"] == "bfloat16", beta=0.1,
+                 per_device_train_batch_size=a["batch"],
                  max_length=512, max_steps=a["steps"], learning_rate=1e-6, precompute_ref_log_probs=a["precompute"],
                  gradient_checkpointing=a["checkpointing"], report_to=[], save_strategy="no", logging_steps=1,
                  dataloader_num_workers=0, seed=0)
-ref_model = None if a["precompute"] else AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), ref_model=ref_model,
+ref_model = None if a["precompute"] else AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(path, dtype=dtype), ref_model=ref_model,
                      args=args, train_dataset=Dataset.from_list(rows),
                      processing_class=AutoTokenizer.from_pretrained(path), callbacks=[StepTimer()])
 assert not a["precompute"] or trainer.ref_model is None, "TRL kept a reference model"
@@ -187,7 +242,7 @@ a = json.loads(sys.argv[1])
 cfg = TrainConfig(artifact=a["artifact"], pairs=a["pairs"], model=a["model"], out=a["out"], strategy="torch",
                   max_length=512, micro_batch_size=a["batch"], max_steps=a["steps"], learning_rate=1e-6,
                   checkpoint_every=10**6, tensorboard=False, compute_reference=False, use_gpu=a["device"] == "cuda",
-                  gradient_checkpointing=a["checkpointing"],
+                  gradient_checkpointing=a["checkpointing"], dtype=a["dtype"],
                   shared_prompt=a["shared_prompt"], **a["extra"])
 s = train(cfg, show_progress=False)
 print("RESULT_JSON " + json.dumps({"tokens": s["tokens"], "train_seconds": s["train_seconds"],
@@ -214,35 +269,49 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     parser.add_argument("--no-gradient-checkpointing", dest="checkpointing", action="store_false",
                         help="both trainers keep every activation (TRL's default is to recompute them)")
+    parser.add_argument("--skip-overhead", action="store_true",
+                        help="only the four trainers (no per_pair_overhead / per_pair_loss_vs_trl_scalar)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                        help="both trainers' dtype (default: bfloat16 on a GPU, float32 on CPU)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the GPU's peak dense bf16 TFLOP/s for MFU (default: looked up by device name)")
     parser.add_argument("--no-shared-prompt", dest="shared_prompt", action="store_false",
                         help="our trainer uses TRL's two-row batch layout (prompt forwarded once per answer)")
     args = parser.parse_args()
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
+    if dtype == "bfloat16" and device != "cuda":
+        raise SystemExit("--dtype bfloat16 needs a GPU: our trainer refuses bf16 on CPU")
     memory = "peak CUDA allocated" if device == "cuda" else "peak RSS"
 
     from sp2dpo.models import resolve_model
     from sp2dpo.train.reference import ReferenceConfig, compute_reference
     from sp2dpo.train.sample import build_sample_inputs
 
-    resolve_model(args.model)  # convert the bundled model once, outside every timing
     with tempfile.TemporaryDirectory() as tmp:
+        if args.model == "random-smollm2-1.7b":
+            model = random_smollm2(SMOLLM2_1_7B, Path(tmp) / "model", dtype)
+        else:
+            model = resolve_model(args.model)  # convert the bundled model once, outside every timing
+        flops_per_token = training_flops_per_token(model)
         pairs, artifact = build_sample_inputs(Path(tmp) / "in", limit=args.pairs, max_chars=args.max_chars)
         t0 = time.perf_counter()
-        ref = compute_reference(ReferenceConfig(artifact=artifact, pairs=pairs, model=args.model, max_length=512),
-                                show_progress=False)
+        ref = compute_reference(ReferenceConfig(artifact=artifact, pairs=pairs, model=model, max_length=512,
+                                                dtype=dtype), show_progress=False)
         ref_s = time.perf_counter() - t0
         print(f"reference pass (once per artifact): {ref['scored_pairs']} pairs in {ref_s:.1f}s")
-        pp = per_pair_overhead(args.model, pairs, ref["artifact"], args.steps, device, args.micro_batch_size,
-                               args.shared_prompt)
-        print(f"loss alone on the same logits (forward + backward, {args.micro_batch_size} pairs): per-pair beta "
-              f"{pp['loss_per_pair_us']:.1f} us, TRL's scalar-beta loss {pp['loss_trl_us']:.1f} us "
-              f"(median of paired ratios {pp['loss_ratio']:.3f})")
-        print(f"whole step of our loop: with per-pair beta median {pp['step_per_pair_s']:.3f}s; with TRL's scalar-beta "
-              f"loss median {pp['step_trl_s']:.3f}s (median of paired ratios {pp['step_ratio']:.4f})")
-        common = {"artifact": ref["artifact"], "pairs": pairs, "model": args.model, "steps": args.steps,
-                  "device": device,
+        pp = None if args.skip_overhead else per_pair_overhead(
+            model, pairs, ref["artifact"], args.steps, device, args.micro_batch_size, args.shared_prompt, dtype)
+        if pp:
+            print(f"loss alone on the same logits (forward + backward, {args.micro_batch_size} pairs): per-pair beta "
+                  f"{pp['loss_per_pair_us']:.1f} us, TRL's scalar-beta loss {pp['loss_trl_us']:.1f} us "
+                  f"(median of paired ratios {pp['loss_ratio']:.3f})")
+            print(f"whole step of our loop: with per-pair beta median {pp['step_per_pair_s']:.3f}s; with TRL's "
+                  f"scalar-beta loss median {pp['step_trl_s']:.3f}s (median of paired ratios {pp['step_ratio']:.4f})")
+        common = {"artifact": ref["artifact"], "pairs": pairs, "model": model, "steps": args.steps,
+                  "device": device, "dtype": dtype,
                   "checkpointing": args.checkpointing, "shared_prompt": args.shared_prompt,
                   "batch": args.micro_batch_size}
         trl = run_child(TRL_CHILD, {**common, "out": str(Path(tmp) / "trl"), "precompute": False})
@@ -256,8 +325,8 @@ def main() -> None:
     our_tps = ours["tokens"] / ours["train_seconds"]
     lean_tps = lean["tokens"] / lean["train_seconds"]
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
-    print(f"device {device}; memory is {memory}; gradient checkpointing {'on' if args.checkpointing else 'off'}; "
-          f"load average {load}")
+    print(f"device {device}; {dtype}; memory is {memory}; gradient checkpointing "
+          f"{'on' if args.checkpointing else 'off'}; load average {load}")
     print(f"stock TRL DPOTrainer (reference in the loop):       {trl_tps:8.1f} tokens/s, {trl['peak_mb']:7.0f} MB")
     print(f"TRL precompute_ref_log_probs, no ref_model:         {pre_tps:8.1f} tokens/s, {trl_pre['peak_mb']:7.0f} MB")
     print(f"sp2dpo, offline reference, TRL's settings:           {our_tps:8.1f} tokens/s, {ours['peak_mb']:7.0f} MB")
@@ -271,8 +340,16 @@ def main() -> None:
           f"reference = {ours_total:.1f}s ({ours['tokens'] / ours_total:.1f} tokens/s); TRL precomputed "
           f"{trl_pre['train_seconds']:.1f}s train + {trl_pre['reference_seconds']:.1f}s reference = {trl_total:.1f}s "
           f"({trl_pre['tokens'] / trl_total:.1f} tokens/s)")
-    print(f"RESULT per_pair_overhead {pp['step_ratio']:.4f}")
-    print(f"RESULT per_pair_loss_vs_trl_scalar {pp['loss_ratio']:.3f}")
+    peak = peak_tflops(args.peak_tflops) if device == "cuda" else None
+    if peak:
+        for name, tps in (("trl", trl_tps), ("trl_precomputed", pre_tps), ("ours", our_tps),
+                          ("ours_in_backward", lean_tps)):
+            print(f"RESULT mfu_{name} {tps * flops_per_token / (peak * 1e12):.4f}")
+    elif device == "cuda":
+        print("MFU not reported: unknown peak FLOP/s for this GPU; pass --peak-tflops")
+    if pp:
+        print(f"RESULT per_pair_overhead {pp['step_ratio']:.4f}")
+        print(f"RESULT per_pair_loss_vs_trl_scalar {pp['loss_ratio']:.3f}")
     print(f"RESULT speedup_vs_trl {our_tps / trl_tps:.3f}")
     print(f"RESULT memory_vs_trl {ours['peak_mb'] / trl['peak_mb']:.3f}")
     print(f"RESULT memory_vs_trl_in_backward {lean['peak_mb'] / trl['peak_mb']:.3f}")

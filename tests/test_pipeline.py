@@ -364,6 +364,27 @@ def test_a_quiet_run_keeps_library_output_in_the_stage_log(tmp_path, capfd):
     assert "after-the-run" in capfd.readouterr().err
 
 
+def test_the_console_holds_descriptors_only_while_a_stage_runs(tmp_path, capfd):
+    """A quiet console copies the terminal's descriptor when a stage starts and closes it when the
+    stage ends: a long-lived process (a notebook, a service) running many pipelines keeps none."""
+    from sp2dpo.pipeline.console import PipelineConsole
+
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    before = open_fds()
+    console = PipelineConsole(str(tmp_path))
+    assert open_fds() == before
+    for _ in range(3):
+        with console.stage("noisy"):
+            assert open_fds() > before  # the log, the saved fds 1 and 2, the terminal's copy
+            print("inside")
+        assert open_fds() == before
+    console.print("after the stages")
+    assert "after the stages" in "".join(capfd.readouterr())
+    assert "inside" in (tmp_path / "logs" / "noisy.log").read_text()
+
+
 def test_verbose_streams_library_output(tmp_path, capfd):
     config = _config(tmp_path)
     run_pipeline(config, _noisy_stages(), config.run_dir, verbose=True)

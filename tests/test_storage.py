@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pyarrow as pa
@@ -179,6 +180,9 @@ def test_pipeline_run_dir_on_s3_resumes_and_writes_nothing_locally(s3, ray_local
     from sp2dpo.pipeline.stages import default_stages
 
     monkeypatch.chdir(tmp_path)  # a relative path anywhere would land here
+    local_tmp = tmp_path.parent / f"{tmp_path.name}-tmp"
+    local_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(local_tmp))  # where each stage's log is written first
     run_dir = s3.new_prefix("run")
     config = PipelineConfig(run_dir=run_dir, until="schedule", data={"inputs": ["ultrafeedback-sample"], "limit": 12},
                             annotate={"teacher": "ratings"})
@@ -187,7 +191,10 @@ def test_pipeline_run_dir_on_s3_resumes_and_writes_nothing_locally(s3, ray_local
     keys = s3.keys(run_dir)
     for r in first:
         assert f"{Path(r.path).name}/_SUCCESS.json" in keys
+        assert f"logs/{r.name}.log" in keys
     assert MANIFEST in keys and os.listdir(tmp_path) == []
+    # Each stage log went up to the run dir; its local copy is gone.
+    assert [p.name for p in local_tmp.iterdir() if p.name.startswith("sp2dpo-log-")] == []
     again = run_pipeline(config, default_stages(config), run_dir, until="schedule")
     assert [r.status for r in again] == ["complete"] * 3
     manifest = storage.read_json(storage.join_uri(run_dir, MANIFEST))

@@ -234,6 +234,10 @@ def test_single_worker_ray_train_run(sample_with_ref, tiny_model_dir, ray_local,
     summary = train(_cfg(tiny_model_dir, pairs, ref_artifact, out, epochs=3), show_progress=False)
     assert summary["steps"] == 12 and summary["pairs_trained"] == 24
     assert summary["final_loss"] < summary["first_loss"]
+    # The tokens trained on (a count, as tokens/s uses it) and the token cache are two keys.
+    assert isinstance(summary["tokens"], int) and summary["tokens"] > 0
+    assert summary["tokens_per_s"] == pytest.approx(summary["tokens"] / summary["train_seconds"], rel=0.01)
+    assert summary["token_cache"].endswith(".parquet") and summary["token_cache_reused"] is False
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [h["step"] for h in history] == list(range(1, 13))
     assert sum(h["loss"] for h in history[-4:]) < sum(h["loss"] for h in history[:4])

@@ -16,6 +16,7 @@ import contextlib
 import functools
 import os
 import re
+import shutil
 import sys
 import tempfile
 import threading
@@ -49,20 +50,14 @@ def log_uri(run_dir: str, stage: str) -> str:
 class PipelineConsole:
     """Where the pipeline's own lines go (the terminal) and where everything else goes (a log)."""
 
-    def __init__(self, run_dir: str, verbose: bool = False, console: Any = None):
+    def __init__(self, run_dir: str, verbose: bool = False):
         from rich.console import Console
 
         self.run_dir = run_dir
         self.verbose = verbose
-        if console is not None:
-            self.console = console
-        elif verbose:
-            self.console = Console(stderr=True)
-        else:
-            # A copy of fd 2 made now stays the terminal while fd 2 itself points at a log.
-            sys.stderr.flush()
-            terminal = os.fdopen(os.dup(sys.stderr.fileno()), "w", buffering=1, closefd=True)
-            self.console = Console(file=terminal, force_terminal=sys.stderr.isatty() or None)
+        # Between stages the console writes to whatever sys.stderr is then; during a quiet stage,
+        # to a copy of fd 2 taken as the stage begins and closed as it ends (`stage`).
+        self.console = Console(stderr=True)
 
     def print(self, *args: Any, **kwargs: Any) -> None:
         self.console.print(*args, **kwargs)
@@ -87,7 +82,7 @@ class PipelineConsole:
         stop = threading.Event()
         follower = threading.Thread(target=self._follow, args=(name, local, stop), daemon=True)
         try:
-            with _descriptors_to(local):
+            with self._on_terminal(), _descriptors_to(local):
                 follower.start()
                 try:
                     yield uri
@@ -101,6 +96,21 @@ class PipelineConsole:
                         storage.write_bytes(uri, f.read())
                 except OSError as exc:  # never hide the stage's own outcome behind this
                     self.print(f"[yellow]could not upload the stage log to {uri}: {exc}; it is at {local}[/]")
+                else:
+                    shutil.rmtree(os.path.dirname(local), ignore_errors=True)
+
+    @contextlib.contextmanager
+    def _on_terminal(self) -> Iterator[None]:
+        """Keep the console on the terminal while fds 1 and 2 point at a stage's log: a copy of
+        fd 2 taken now, closed when the stage ends (one descriptor per stage, none left open)."""
+        sys.stderr.flush()
+        terminal = os.fdopen(os.dup(sys.stderr.fileno()), "w", buffering=1, closefd=True)
+        self.console.file = terminal
+        try:
+            yield
+        finally:
+            self.console.file = None  # back to following sys.stderr
+            terminal.close()
 
     def _follow(self, name: str, path: str, stop: threading.Event) -> None:
         started = time.monotonic()

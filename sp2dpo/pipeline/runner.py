@@ -235,7 +235,6 @@ def run_pipeline(
     force: list[str] | tuple[str, ...] = (),
     dry_run: bool = False,
     verbose: bool = False,
-    console: Any = None,
 ) -> list[StageResult]:
     """Run `stages` in order, skipping those already complete; return one result per stage.
 
@@ -245,7 +244,7 @@ def run_pipeline(
     from sp2dpo.pipeline.console import PipelineConsole
 
     run_dir = storage.absolute(run_dir)  # stages hand paths to Ray workers with other working dirs
-    console = PipelineConsole(run_dir, verbose=verbose or dry_run, console=console)
+    console = PipelineConsole(run_dir, verbose=verbose or dry_run)
     p = plan(config, stages, run_dir, until)
     unknown = set(force) - set(p.keys)
     if unknown:

@@ -51,6 +51,10 @@ class VLLMEngine:
             n=1, temperature=options.temperature, top_p=options.top_p, seed=options.seed, max_tokens=max_tokens,
             logprobs=options.top_logprobs, stop_token_ids=sorted(self.eos_token_ids),
             output_kind=RequestOutputKind.DELTA,
+            # Token ids only: the OpenAI layer turns them into text once, incrementally, for both
+            # engines (stop strings, held-back tails, log-prob token strings). vLLM's own
+            # detokenizer would decode every token, and every top log-prob's token, a second time.
+            detokenize=False,
         )
         k = options.top_logprobs
         async for output in self.llm.generate({"prompt_token_ids": list(prompt_ids)}, params, str(uuid.uuid4())):

@@ -313,6 +313,6 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> dict[str, Any]:
     if checkpoint and is_uri(storage):  # pyarrow paths carry no scheme
         checkpoint = f"{storage.split('://', 1)[0]}://{checkpoint}"
     summary.update({"artifact": cfg.artifact, "reference": read_sp2dpo_metadata(cfg.artifact).get("reference"),
-                    "checkpoint": checkpoint, "tokens": tokens["path"], "tokens_reused": tokens["reused"],
+                    "checkpoint": checkpoint, "token_cache": tokens["path"], "token_cache_reused": tokens["reused"],
                     "out": cfg.out, "wall_seconds": round(time.perf_counter() - t0, 2)})
     return summary
