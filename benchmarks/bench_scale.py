@@ -21,7 +21,8 @@ included) every 0.2 s. "Peak RSS" is that tree's peak during the step less the t
   `verify_artifact`;
 - training-data ingest, as `sp2dpo train` does it: the driver tokenizes the training rows once
   (`sp2dpo.train.tokens.tokenize_once`, the SmolLM2 tokenizer, no max_length) into the cache
-  beside the artifact; then one Ray Train worker of `--ingest-workers` reads its shard of that
+  beside the artifact, first in the driver alone, then again with one Ray task per CPU (as
+  `sp2dpo train` does); then one Ray Train worker of `--ingest-workers` reads its shard of that
   cache (`read_shard`) and collates its first micro-batch: its time to the first step's data,
   and the RSS that adds. `--only-ingest` makes the inputs at `--ingest-n` (prepare, annotate
   with the ratings teacher, schedule) and runs only this step.
@@ -105,20 +106,26 @@ def step_schedule(pairs: str, annotations: str, out: str) -> dict:
     return {"seconds": t_end - t0, "build_s": t_built - t0, "verify_s": t_end - t_built, "pairs": s["pairs"]}
 
 
-def step_tokenize(pairs: str, artifact: str) -> dict:
-    """The driver's one-off pass: every training pair tokenized into the cache beside the artifact."""
+def step_tokenize(pairs: str, artifact: str, tasks: int = 1) -> dict:
+    """The driver's one-off pass: every training pair tokenized into the cache beside the artifact,
+    in the driver (`tasks` 1) or by that many Ray tasks at once, as `sp2dpo train` does."""
     import resource
 
     from sp2dpo.models import bundled_model_dir
     from sp2dpo.train.data import load_training_table
     from sp2dpo.train.logps import load_tokenizer
-    from sp2dpo.train.tokens import tokenize_once
+    from sp2dpo.train.tokens import cache_path, cache_tag, tokenize_once
 
     table, _ = load_training_table(artifact, pairs)
     tokenizer = load_tokenizer(bundled_model_dir())
+    Path(cache_path(artifact, cache_tag(table, tokenizer, None))).unlink(missing_ok=True)  # time a build
+    if tasks > 1:
+        import ray
+
+        ray.init(address=os.environ["RAY_ADDRESS"])
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t0 = time.perf_counter()
-    tokens = tokenize_once(table, tokenizer, None, artifact)  # no length refusal: every pair is tokenized whole
+    tokens = tokenize_once(table, tokenizer, None, artifact, tasks=tasks)  # no max_length: every pair whole
     seconds = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"seconds": seconds, "rows": table.num_rows, "rss_added_mb": after - before,
@@ -400,6 +407,11 @@ def main() -> None:
             d = f"{tmp}/n{ingest_n}"
             big["tokenize"] = run("tokenize", pairs=f"{d}/data/pairs.parquet", artifact=f"{d}/beta.parquet")
             print(fmt(f"n={ingest_n} train tokenize once (driver)", big["tokenize"]), flush=True)
+            tasks = os.cpu_count()
+            big["tokenize_tasks"] = run("tokenize", pairs=f"{d}/data/pairs.parquet", artifact=f"{d}/beta.parquet",
+                                        tasks=tasks)
+            print(fmt(f"n={ingest_n} train tokenize once ({tasks} Ray tasks at once)", big["tokenize_tasks"]),
+                  flush=True)
             big["ingest"] = run("ingest", tokens=big["tokenize"]["tokens"], workers=args.ingest_workers)
             print(fmt(f"n={ingest_n} train ingest (one worker of {args.ingest_workers}: its shard, first batch)",
                       big["ingest"]), flush=True)
@@ -428,6 +440,9 @@ def main() -> None:
     if "ingest" in big:
         print(f"RESULT train_tokenize_once_{tag(ingest_n)}_seconds {big['tokenize']['seconds']:.1f}")
         print(f"RESULT train_tokenize_once_{tag(ingest_n)}_rss_mb {big['tokenize']['rss_added_mb']:.0f}")
+        print(f"RESULT train_tokenize_once_tasks_{tag(ingest_n)}_seconds {big['tokenize_tasks']['seconds']:.1f}")
+        print(f"RESULT train_tokenize_once_tasks_speedup "
+              f"{big['tokenize']['seconds'] / big['tokenize_tasks']['seconds']:.2f}")
         print(f"RESULT train_ingest_{tag(ingest_n)}_seconds {big['ingest']['seconds']:.1f}")
         print(f"RESULT train_ingest_{tag(ingest_n)}_rss_mb {big['ingest']['rss_added_mb']:.0f}")
 

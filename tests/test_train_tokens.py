@@ -65,6 +65,30 @@ def test_cache_equals_tokenize_table_is_reused_on_a_match_and_refused_on_a_misma
     assert not tokens.tokenize_once(changed, tok, 256, artifact)["reused"]
 
 
+def test_ray_tasks_write_the_same_cache_and_refuse_what_the_driver_refuses(table, tiny_model_dir, ray_local,
+                                                                            monkeypatch, tmp_path):
+    """Row groups tokenized by Ray tasks, several at once, make the file the driver makes alone."""
+    import pyarrow.parquet as pq
+
+    import sp2dpo.train.tokens as tokens
+    from sp2dpo.train.logps import load_tokenizer
+
+    table, _ = table
+    tok = load_tokenizer(str(tiny_model_dir))
+    monkeypatch.setattr(tokens, "ROW_GROUP", 3)  # 10 pairs: 4 row groups, 2 tasks in flight
+    alone = tokens.tokenize_once(table, tok, 256, str(tmp_path / "alone.parquet"))
+    parallel = tokens.tokenize_once(table, tok, 256, str(tmp_path / "parallel.parquet"), tasks=2)
+    assert not parallel["reused"] and parallel["tag"] == alone["tag"]
+    a, b = pq.ParquetFile(alone["path"]), pq.ParquetFile(parallel["path"])
+    assert b.metadata.num_row_groups == a.metadata.num_row_groups == 4
+    assert b.read().equals(a.read()) and b.schema_arrow.metadata == a.schema_arrow.metadata
+    # A prompt that fills max_length is refused from inside a task as from the driver, and no
+    # cache is left behind.
+    with pytest.raises(ValueError, match="its prompt alone has"):
+        tokens.tokenize_once(table, tok, 8, str(tmp_path / "short.parquet"), tasks=2)
+    assert sorted(p.name.split(".")[0] for p in tmp_path.iterdir()) == ["alone", "parallel"]
+
+
 def test_beta_is_checked_once_at_load(table, tiny_model_dir):
     import pyarrow as pa
 

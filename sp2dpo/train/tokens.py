@@ -1,6 +1,6 @@
 """The training pairs tokenized once, beside the artifact; each worker reads back only its shard.
 
-    tokens = tokenize_once(table, tokenizer, max_length, artifact)   # the driver, before any worker starts
+    tokens = tokenize_once(table, tokenizer, max_length, artifact, tasks=8)   # the driver, before any worker starts
     shard = read_shard(tokens, plan.shard(rank), tokenizer)          # a worker: its index range, numpy arrays
 
 The cache `<artifact stem>.tokens-<tag digest>.parquet` holds, in training-table order, each
@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +34,7 @@ import pyarrow.parquet as pq
 from sp2dpo.schedule.artifact import REF_LOGP_COLUMNS, ArtifactError
 from sp2dpo.storage import atomic_output, exists, filesystem_and_path, read_sp2dpo_metadata
 from sp2dpo.train.data import tokenize_table, tokenizer_hash
+from sp2dpo.utils import progress_bar
 
 TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 PER_PAIR_COLUMNS = ("beta", *REF_LOGP_COLUMNS)
@@ -83,24 +86,56 @@ def _chunk_table(table: pa.Table, tokenizer: Any, max_length: int | None) -> pa.
     return pa.table(columns)
 
 
-def tokenize_once(table: pa.Table, tokenizer: Any, max_length: int | None, artifact: str) -> dict[str, Any]:
-    """The cache for these training rows (built unless a matching one exists): {path, tag, reused}."""
+def tokenize_once(table: pa.Table, tokenizer: Any, max_length: int | None, artifact: str, tasks: int = 1,
+                  show_progress: bool = False) -> dict[str, Any]:
+    """The cache for these training rows (built unless a matching one exists): {path, tag, reused}.
+
+    `tasks` > 1 tokenizes that many row groups at once as 1-CPU Ray tasks (Ray must be up; on a
+    cluster they spread over its nodes); the file is the same either way."""
     tag = cache_tag(table, tokenizer, max_length)
     path = cache_path(artifact, tag)
     if exists(path) and read_sp2dpo_metadata(path).get("tokens") == tag:
         return {"path": path, "tag": tag, "reused": True}
     if "beta" in table.column_names:
         check_beta(table["beta"].to_numpy(zero_copy_only=False), artifact)
-    with atomic_output(path) as (fs, local):
+    groups = -(-table.num_rows // ROW_GROUP)
+    with atomic_output(path) as (fs, local), progress_bar(groups * ROW_GROUP, "tokenize",
+                                                         disable=not show_progress) as bar:
         writer = None
-        for start in range(0, table.num_rows, ROW_GROUP):
-            chunk = _chunk_table(table.slice(start, ROW_GROUP), tokenizer, max_length)
+        for chunk in _row_groups(table, tokenizer, max_length, tasks):
             if writer is None:
                 metadata = {b"sp2dpo.tokens": json.dumps(tag, sort_keys=True).encode()}
                 writer = pq.ParquetWriter(local, chunk.schema.with_metadata(metadata), filesystem=fs)
             writer.write_table(chunk, row_group_size=ROW_GROUP)
+            bar.update(chunk.num_rows)
         writer.close()
     return {"path": path, "tag": tag, "reused": False}
+
+
+def _row_groups(table: pa.Table, tokenizer: Any, max_length: int | None, tasks: int) -> Iterator[pa.Table]:
+    """The cache's row groups in table order: made here, or by up to `tasks` Ray tasks at once,
+    which read the table and the tokenizer from the object store (one copy, not one per task)
+    while the caller writes the groups already done."""
+    starts = range(0, table.num_rows, ROW_GROUP)
+    if tasks <= 1 or len(starts) <= 1:
+        for start in starts:
+            yield _chunk_table(table.slice(start, ROW_GROUP), tokenizer, max_length)
+        return
+    import ray
+
+    table_ref, tokenizer_ref = ray.put(table), ray.put(tokenizer)
+    remote = ray.remote(num_cpus=1)(_tokenize_row_group)
+    pending: deque[Any] = deque()
+    for start in starts:
+        if len(pending) >= tasks:
+            yield ray.get(pending.popleft())
+        pending.append(remote.remote(table_ref, tokenizer_ref, start, ROW_GROUP, max_length))
+    while pending:
+        yield ray.get(pending.popleft())
+
+
+def _tokenize_row_group(table: pa.Table, tokenizer: Any, start: int, size: int, max_length: int | None) -> pa.Table:
+    return _chunk_table(table.slice(start, size), tokenizer, max_length)
 
 
 def _flat(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:

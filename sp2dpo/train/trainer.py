@@ -275,7 +275,10 @@ def prepare_artifact(cfg: TrainConfig, show_progress: bool = True) -> tuple[Trai
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.reference_id()))
     check_reference(metadata, reference_tag(cfg.reference_id(), tokenizer, cfg.max_length, cfg.dtype), cfg.artifact)
     StepPlan(table.num_rows, cfg, cfg.num_workers)  # refuses fewer pairs than one global batch
-    return cfg, tokenize_once(table, load_tokenizer(cfg.model), cfg.max_length, cfg.artifact)
+    # Before any worker starts, every CPU of the cluster is free to tokenize.
+    tasks = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 1
+    return cfg, tokenize_once(table, load_tokenizer(cfg.model), cfg.max_length, cfg.artifact, tasks=tasks,
+                              show_progress=show_progress)
 
 
 def train(cfg: TrainConfig, show_progress: bool = True) -> dict[str, Any]:
@@ -286,8 +289,8 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> dict[str, Any]:
     local = {k: absolute(v) for k in (*paths, "model", "reference_model")
              if (v := getattr(cfg, k)) and not is_uri(v) and (k in paths or os.path.exists(v))}
     cfg = cfg.model_copy(update=local)
-    cfg, tokens = prepare_artifact(cfg, show_progress)
     init_ray()
+    cfg, tokens = prepare_artifact(cfg, show_progress)
     storage = absolute(cfg.storage_path or join_uri(cfg.out, "ray"))
     # Hub access is the cluster's setting: pass the driver's choice through, never force one.
     env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") if k in os.environ}
