@@ -1,6 +1,7 @@
 """Throughput and p50/p99 latency at concurrency 1, 8 and 32: through Ray Serve vs. in-process.
 
     python benchmarks/bench_serve.py [--engine transformers|vllm] [--max-tokens 8] [--rounds 3] [--model PATH]
+                                     [--long-tokens 512] [--torch-threads N]
 
 Baseline in the same run: the very engine and OpenAI layer a Serve replica runs
 (`OpenAIModel.respond`), called directly from an asyncio loop in this process with the same
@@ -79,6 +80,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--long-tokens", type=int, default=512, help="the long, streamed case (0 skips it)")
     parser.add_argument("--long-rounds", type=int, default=2)
+    parser.add_argument("--torch-threads", type=int, default=None,
+                        help="the engine's torch threads on both sides (default: every CPU); fewer leaves CPUs to "
+                             "the serving processes, as on a GPU node, where the engine does not compute on them")
+    parser.add_argument("--only-vs-engine", action="store_true",
+                        help="skip the concurrency levels against in-process (serve_overhead_c8)")
     args = parser.parse_args()
 
     import openai
@@ -89,7 +95,7 @@ def main() -> None:
     from sp2dpo.serve.protocol import parse_request, sampling_options
     from sp2dpo.utils import init_ray
 
-    threads = os.cpu_count() or 1
+    threads = args.torch_threads or os.cpu_count() or 1
     # Same threads on both sides: Ray would otherwise pin the replica's torch to its num_cpus.
     model_cfg = ModelConfig(id="bench", path=args.model, engine=args.engine, num_cpus=1, torch_threads=threads,
                             max_model_len=2048, gpu_memory_utilization=0.12 if args.engine == "vllm" else 0.9)
@@ -141,7 +147,7 @@ def main() -> None:
             warm = _prompts(4)
             await _drive(call_direct, warm, 4)
             await _drive(call_serve, warm, 4)
-            for concurrency, n in LEVELS.items():
+            for concurrency, n in ({} if args.only_vs_engine else LEVELS).items():
                 prompts = _prompts(n)
                 runs: dict[str, list] = {"in-process": [], "serve": []}
                 for r in range(args.rounds):
@@ -176,12 +182,13 @@ def main() -> None:
         for concurrency, r in levels.items():
             print(f"{side:<11} {concurrency:>4} {r['req_per_s']:>7.2f} {r['tok_per_s']:>7.1f} {r['p50_s']:>7.2f} "
                   f"{r['p99_s']:>7.2f}")
-    for concurrency in LEVELS:
+    for concurrency in results["serve"]:
         ratio = results["in-process"][concurrency]["req_per_s"] / results["serve"][concurrency]["req_per_s"]
         p50 = results["serve"][concurrency]["p50_s"] / results["in-process"][concurrency]["p50_s"]
         print(f"concurrency {concurrency}: time per request via Serve / in-process = {ratio:.3f} (p50 ratio {p50:.3f})")
-    overhead = results["in-process"][8]["req_per_s"] / results["serve"][8]["req_per_s"]
-    print(f"RESULT serve_overhead_c8 {overhead:.3f}")
+    if 8 in results["serve"]:
+        overhead = results["in-process"][8]["req_per_s"] / results["serve"][8]["req_per_s"]
+        print(f"RESULT serve_overhead_c8 {overhead:.3f}")
     for case, sides in vs_engine.items():
         tokens = f"--max-tokens {args.max_tokens}" if case == "short" else f"--long-tokens {args.long_tokens}, streamed"
         for side, r in sides.items():
