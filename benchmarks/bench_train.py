@@ -60,23 +60,6 @@ SMOLLM2_1_7B = {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_laye
                 "num_key_value_heads": 32, "max_position_embeddings": 8192, "rope_theta": 130000.0}
 
 
-def random_smollm2(shape: dict, target: Path, dtype: str) -> str:
-    """A Llama model of `shape` with random weights and SmolLM2's tokenizer, saved to `target`."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from sp2dpo.models import bundled_model_dir
-
-    tokenizer = AutoTokenizer.from_pretrained(bundled_model_dir())
-    config = LlamaConfig(vocab_size=len(tokenizer), tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **shape)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(getattr(torch, dtype))
-    model.save_pretrained(target)
-    tokenizer.save_pretrained(target)
-    return str(target)
-
-
 def training_flops_per_token(model_path: str) -> float:
     """6 × parameters (the input embedding excluded: a lookup; a tied LM head counted once, as
     the matmul it is) per token: forward 2N, backward 4N."""
@@ -286,13 +269,13 @@ def main() -> None:
         raise SystemExit("--dtype bfloat16 needs a GPU: our trainer refuses bf16 on CPU")
     memory = "peak CUDA allocated" if device == "cuda" else "peak RSS"
 
-    from sp2dpo.models import resolve_model
+    from sp2dpo.models import resolve_model, save_random_llama
     from sp2dpo.train.reference import ReferenceConfig, compute_reference
     from sp2dpo.train.sample import build_sample_inputs
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.model == "random-smollm2-1.7b":
-            model = random_smollm2(SMOLLM2_1_7B, Path(tmp) / "model", dtype)
+            model = str(save_random_llama(Path(tmp) / "model", dtype=dtype, **SMOLLM2_1_7B))
         else:
             model = resolve_model(args.model)  # convert the bundled model once, outside every timing
         flops_per_token = training_flops_per_token(model)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from sp2dpo.storage import cache_root, file_lock, is_uri, stage_model
 
@@ -77,6 +78,22 @@ def resolve_model(name_or_path: str | None) -> str:
     return name_or_path
 
 
+def save_random_llama(target: Path, seed: int = 0, dtype: str = "float32", **shape: Any) -> Path:
+    """A Llama model of `shape` (LlamaConfig fields) with random weights and the real SmolLM2
+    tokenizer, saved to `target`: the tiny test model, or a stand-in of a size whose weights are
+    not bundled (benchmarks/bench_train.py's SmolLM2-1.7B shape)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(bundled_model_dir())
+    config = LlamaConfig(vocab_size=len(tokenizer), tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **shape)
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).to(getattr(torch, dtype)).save_pretrained(target, safe_serialization=True)
+    tokenizer.save_pretrained(target)
+    return target
+
+
 def tiny_model_dir(num_layers: int = 2, hidden_size: int = 64, seed: int = 0) -> Path:
     """A tiny random Llama-style model with the real SmolLM2 tokenizer, for fast tests."""
     target = cache_root() / f"tiny-llama-l{num_layers}-h{hidden_size}-s{seed}"
@@ -85,21 +102,9 @@ def tiny_model_dir(num_layers: int = 2, hidden_size: int = 64, seed: int = 0) ->
     with file_lock(cache_root() / ".tiny.lock"):
         if (target / "model.safetensors").exists():
             return target
-        import torch
-        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-        tokenizer = AutoTokenizer.from_pretrained(bundled_model_dir())
-        config = LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 2,
-            num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
-            max_position_embeddings=2048, tie_word_embeddings=True,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
         tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        save_random_llama(tmp, seed, hidden_size=hidden_size, intermediate_size=hidden_size * 2,
+                          num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+                          max_position_embeddings=2048)
         os.replace(tmp, target)
     return target
