@@ -1,7 +1,7 @@
 """The training pairs tokenized once, beside the artifact; each worker reads back only its shard.
 
-    tokens = tokenize_once(table, tokenizer, max_length, artifact, tasks=8)   # the driver, before any worker starts
-    shard = read_shard(tokens, plan.shard(rank), tokenizer)          # a worker: its index range, numpy arrays
+    tokens = tokenize_once(table, tokenizer, max_length, artifact, tasks=8)  # the driver, before any worker starts
+    shard = read_shard(tokens, plan.shard(rank), tokenizer)                  # a worker: its index range, as numpy
 
 The cache `<artifact stem>.tokens-<tag digest>.parquet` holds, in training-table order, each
 pair's token ids (`prompt_ids`, `chosen_ids`, `rejected_ids`, list<int32>, made by
@@ -98,9 +98,7 @@ def tokenize_once(table: pa.Table, tokenizer: Any, max_length: int | None, artif
         return {"path": path, "tag": tag, "reused": True}
     if "beta" in table.column_names:
         check_beta(table["beta"].to_numpy(zero_copy_only=False), artifact)
-    groups = -(-table.num_rows // ROW_GROUP)
-    with atomic_output(path) as (fs, local), progress_bar(groups * ROW_GROUP, "tokenize",
-                                                         disable=not show_progress) as bar:
+    with atomic_output(path) as (fs, local), progress_bar(table.num_rows, "tokenize", disable=not show_progress) as bar:
         writer = None
         for chunk in _row_groups(table, tokenizer, max_length, tasks):
             if writer is None:
@@ -119,7 +117,7 @@ def _row_groups(table: pa.Table, tokenizer: Any, max_length: int | None, tasks: 
     starts = range(0, table.num_rows, ROW_GROUP)
     if tasks <= 1 or len(starts) <= 1:
         for start in starts:
-            yield _chunk_table(table.slice(start, ROW_GROUP), tokenizer, max_length)
+            yield _tokenize_row_group(table, tokenizer, start, ROW_GROUP, max_length)
         return
     import ray
 
