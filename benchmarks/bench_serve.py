@@ -1,7 +1,7 @@
 """Throughput and p50/p99 latency at concurrency 1, 8 and 32: through Ray Serve vs. in-process.
 
     python benchmarks/bench_serve.py [--engine transformers|vllm] [--max-tokens 8] [--rounds 3] [--model PATH]
-                                     [--long-tokens 512] [--torch-threads N]
+                                     [--long-tokens 512] [--long-rounds 3] [--torch-threads N]
 
 Baseline in the same run: the very engine and OpenAI layer a Serve replica runs
 (`OpenAIModel.respond`), called directly from an asyncio loop in this process with the same
@@ -79,7 +79,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--long-tokens", type=int, default=512, help="the long, streamed case (0 skips it)")
-    parser.add_argument("--long-rounds", type=int, default=2)
+    parser.add_argument("--long-rounds", type=int, default=3)
     parser.add_argument("--torch-threads", type=int, default=None,
                         help="the engine's torch threads on both sides (default: every CPU); fewer leaves CPUs to "
                              "the serving processes, as on a GPU node, where the engine does not compute on them")
@@ -88,8 +88,10 @@ def main() -> None:
     args = parser.parse_args()
 
     import openai
+    from ray import serve
 
     from sp2dpo.serve import ModelConfig, ServeConfig, start_server, stop_server
+    from sp2dpo.serve.app import deployment_name
     from sp2dpo.serve.engines import build_engine
     from sp2dpo.serve.openai_layer import OpenAIModel
     from sp2dpo.serve.protocol import parse_request, sampling_options
@@ -123,8 +125,17 @@ def main() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    # Ray starts its workers at nice 15, so a Serve replica yields the CPU to any normal process: on
+    # this machine to the benchmark's own client, and the in-process baseline, which runs at nice 0
+    # in this process, would win on priority, not on code. Both sides run at the same priority (a
+    # local instance reads this; a running cluster keeps its own, printed below).
+    os.environ.setdefault("RAY_worker_niceness", "0")
     init_ray(num_cpus=max(2, threads))
-    url = start_server(ServeConfig(port=port, models=[model_cfg]), api_key="bench-key")
+    serve_cfg = ServeConfig(port=port, models=[model_cfg])
+    url = start_server(serve_cfg, api_key="bench-key")
+    replica = serve.get_deployment_handle(deployment_name(model_cfg.id), app_name=serve_cfg.app_name)
+    replica_pid = replica.load.remote().result()["pid"]
+    replica_nice = os.getpriority(os.PRIO_PROCESS, replica_pid)
     results: dict[str, dict[int, dict[str, float]]] = {"in-process": {}, "serve": {}}
     vs_engine: dict[str, dict[str, dict[str, float]]] = {}
     try:
@@ -176,7 +187,8 @@ def main() -> None:
         direct.engine.shutdown()
 
     print(f"engine={args.engine} max_tokens={args.max_tokens} torch_threads={threads} rounds={args.rounds} "
-          f"requests/round={LEVELS} (greedy, chat); load average {os.getloadavg()[0]:.1f} on {threads} cores")
+          f"requests/round={LEVELS} (greedy, chat); load average {os.getloadavg()[0]:.1f} on {threads} cores; "
+          f"nice: replica {replica_nice}, in-process {os.getpriority(os.PRIO_PROCESS, 0)}")
     print(f"{'side':<11} {'conc':>4} {'req/s':>7} {'tok/s':>7} {'p50 s':>7} {'p99 s':>7}")
     for side, levels in results.items():
         for concurrency, r in levels.items():
