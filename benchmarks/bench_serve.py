@@ -53,6 +53,24 @@ def _stats(runs: list[tuple[list[float], float, int]]) -> dict[str, float]:
             "p99_s": ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]}
 
 
+def chat_body(prompt: str, max_tokens: int) -> dict:
+    """The benchmark's request: one user turn, greedy, so every side generates the same tokens."""
+    return {"model": "bench", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "temperature": 0}
+
+
+async def streamed_tokens(client, prompt: str, max_tokens: int) -> int:
+    """One streamed chat request through the `openai` client, read to the end; the completion
+    tokens its usage chunk reports."""
+    stream = await client.chat.completions.create(**chat_body(prompt, max_tokens), stream=True,
+                                                  stream_options={"include_usage": True})
+    produced = 0
+    async for chunk in stream:
+        if chunk.usage is not None:
+            produced = chunk.usage.completion_tokens
+    return produced
+
+
 async def _drive(call, prompts: list[str], concurrency: int) -> tuple[list[float], float, int]:
     """`concurrency` closed-loop clients share the prompt list; each call returns its token count."""
     queue = list(enumerate(prompts))
@@ -103,8 +121,7 @@ def main() -> None:
                             max_model_len=2048, gpu_memory_utilization=0.12 if args.engine == "vllm" else 0.9)
 
     def body(prompt: str, max_tokens: int | None = None) -> dict:
-        return {"model": "bench", "messages": [{"role": "user", "content": prompt}],
-                "max_tokens": max_tokens or args.max_tokens, "temperature": 0}
+        return chat_body(prompt, max_tokens or args.max_tokens)
 
     direct = OpenAIModel("bench", build_engine(model_cfg), model_cfg.default_max_tokens)
 
@@ -133,12 +150,12 @@ def main() -> None:
     init_ray(num_cpus=max(2, threads))
     serve_cfg = ServeConfig(port=port, models=[model_cfg])
     url = start_server(serve_cfg, api_key="bench-key")
-    replica = serve.get_deployment_handle(deployment_name(model_cfg.id), app_name=serve_cfg.app_name)
-    replica_pid = replica.load.remote().result()["pid"]
-    replica_nice = os.getpriority(os.PRIO_PROCESS, replica_pid)
     results: dict[str, dict[int, dict[str, float]]] = {"in-process": {}, "serve": {}}
     vs_engine: dict[str, dict[str, dict[str, float]]] = {}
     try:
+        replica = serve.get_deployment_handle(deployment_name(model_cfg.id), app_name=serve_cfg.app_name)
+        replica_nice = os.getpriority(os.PRIO_PROCESS, replica.load.remote().result()["pid"])
+
         async def run_all() -> None:
             client = openai.AsyncOpenAI(base_url=url, api_key="bench-key", max_retries=0, timeout=600)
 
@@ -147,13 +164,7 @@ def main() -> None:
                 return response.usage.completion_tokens
 
             async def call_serve_stream(prompt: str) -> int:
-                stream = await client.chat.completions.create(**body(prompt, args.long_tokens), stream=True,
-                                                              stream_options={"include_usage": True})
-                produced = 0
-                async for chunk in stream:
-                    if chunk.usage is not None:
-                        produced = chunk.usage.completion_tokens
-                return produced
+                return await streamed_tokens(client, prompt, args.long_tokens)
 
             warm = _prompts(4)
             await _drive(call_direct, warm, 4)

@@ -36,7 +36,9 @@ SIDES = ["in-process", "replica", "handle", "http"]
 
 
 async def _engine_alone(model, requests: list, max_tokens: int) -> int:
-    """Every request's tokens through `engine.generate` at once; returns the tokens produced."""
+    """Every request's tokens through `engine.generate` at once; returns the tokens produced.
+    Written here, not taken from bench_serve.py's engine side: it also runs inside the replica,
+    which receives this script's functions by value and cannot import bench_serve."""
     from sp2dpo.serve.protocol import sampling_options
 
     async def one(req) -> int:
@@ -56,7 +58,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import openai
-    from bench_serve import _prompts
+    from bench_serve import _prompts, chat_body, streamed_tokens
     from ray import serve
 
     from sp2dpo.serve import ModelConfig, ServeConfig
@@ -71,8 +73,7 @@ def main() -> None:
     prompts = _prompts(8)
 
     def request(prompt: str, stream: bool = False):
-        body = {"model": "bench", "messages": [{"role": "user", "content": prompt}], "max_tokens": args.tokens,
-                "temperature": 0}
+        body = chat_body(prompt, args.tokens)
         if stream:
             body.update(stream=True, stream_options={"include_usage": True})
         return parse_request(json.dumps(body).encode(), "chat")
@@ -120,18 +121,8 @@ def main() -> None:
         client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="bench-key", max_retries=0,
                                     timeout=1800)
 
-        async def one(prompt: str) -> int:
-            stream = await client.chat.completions.create(
-                model="bench", messages=[{"role": "user", "content": prompt}], max_tokens=args.tokens,
-                temperature=0, stream=True, stream_options={"include_usage": True})
-            produced = 0
-            async for chunk in stream:
-                if chunk.usage is not None:
-                    produced = chunk.usage.completion_tokens
-            return produced
-
         t0 = time.perf_counter()
-        produced = sum(await asyncio.gather(*(one(p) for p in prompts)))
+        produced = sum(await asyncio.gather(*(streamed_tokens(client, p, args.tokens) for p in prompts)))
         await client.close()
         return produced, time.perf_counter() - t0
 
