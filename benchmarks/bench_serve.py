@@ -2,6 +2,7 @@
 
     python benchmarks/bench_serve.py [--engine transformers|vllm] [--max-tokens 8] [--rounds 3] [--model PATH]
                                      [--long-tokens 512] [--long-rounds 3] [--torch-threads N]
+                                     [--stream-interval N]
 
 Baseline in the same run: the very engine and OpenAI layer a Serve replica runs
 (`OpenAIModel.respond`), called directly from an asyncio loop in this process with the same
@@ -101,6 +102,8 @@ def main() -> None:
     parser.add_argument("--torch-threads", type=int, default=None,
                         help="the engine's torch threads on both sides (default: every CPU); fewer leaves CPUs to "
                              "the serving processes, as on a GPU node, where the engine does not compute on them")
+    parser.add_argument("--stream-interval", type=int, default=1,
+                        help="the served model's stream_interval (tokens per streamed chunk; 1 = every token)")
     parser.add_argument("--only-vs-engine", action="store_true",
                         help="skip the concurrency levels against in-process (serve_overhead_c8)")
     args = parser.parse_args()
@@ -118,7 +121,8 @@ def main() -> None:
     threads = args.torch_threads or os.cpu_count() or 1
     # Same threads on both sides: Ray would otherwise pin the replica's torch to its num_cpus.
     model_cfg = ModelConfig(id="bench", path=args.model, engine=args.engine, num_cpus=1, torch_threads=threads,
-                            max_model_len=2048, gpu_memory_utilization=0.12 if args.engine == "vllm" else 0.9)
+                            max_model_len=2048, gpu_memory_utilization=0.12 if args.engine == "vllm" else 0.9,
+                            stream_interval=args.stream_interval)
 
     def body(prompt: str, max_tokens: int | None = None) -> dict:
         return chat_body(prompt, max_tokens or args.max_tokens)
@@ -198,6 +202,7 @@ def main() -> None:
         direct.engine.shutdown()
 
     print(f"engine={args.engine} max_tokens={args.max_tokens} torch_threads={threads} rounds={args.rounds} "
+          f"stream_interval={args.stream_interval} "
           f"requests/round={LEVELS} (greedy, chat); load average {os.getloadavg()[0]:.1f} on {threads} cores; "
           f"nice: replica {replica_nice}, in-process {os.getpriority(os.PRIO_PROCESS, 0)}")
     print(f"{'side':<11} {'conc':>4} {'req/s':>7} {'tok/s':>7} {'p50 s':>7} {'p99 s':>7}")

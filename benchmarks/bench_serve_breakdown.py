@@ -1,6 +1,6 @@
 """Where the long streamed case's time goes: the same 8 greedy 512-token chat requests, four ways.
 
-    python benchmarks/bench_serve_breakdown.py [--tokens 512] [--rounds 2] [--torch-threads N]
+    python benchmarks/bench_serve_breakdown.py [--tokens 512] [--rounds 2] [--torch-threads N] [--stream-interval N]
 
 1. `in-process`: the engine alone in this process (`engine.generate`, token ids only), as in
    bench_serve.py's engine side.
@@ -55,6 +55,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--torch-threads", type=int, default=None, help="the engine's threads (default: every CPU)")
+    parser.add_argument("--stream-interval", type=int, default=1,
+                        help="the replica's stream_interval (1: every token)")
     args = parser.parse_args()
 
     import openai
@@ -69,7 +71,8 @@ def main() -> None:
     from sp2dpo.utils import init_ray
 
     threads = args.torch_threads or os.cpu_count() or 1
-    model_cfg = ModelConfig(id="bench", num_cpus=1, torch_threads=threads, max_model_len=2048)
+    model_cfg = ModelConfig(id="bench", num_cpus=1, torch_threads=threads, max_model_len=2048,
+                            stream_interval=args.stream_interval)
     prompts = _prompts(8)
 
     def request(prompt: str, stream: bool = False):
@@ -142,7 +145,8 @@ def main() -> None:
         serve.shutdown()
         direct.engine.shutdown()
 
-    print(f"8 requests x {args.tokens} tokens, greedy, torch_threads={threads}, rounds={args.rounds}; "
+    print(f"8 requests x {args.tokens} tokens, greedy, torch_threads={threads}, rounds={args.rounds}, "
+          f"stream_interval={args.stream_interval}; "
           f"nice: replica {replica_nice}, in-process {os.getpriority(os.PRIO_PROCESS, 0)}")
     rates = {side: produced / wall for side, (produced, wall) in totals.items()}
     for i, side in enumerate(SIDES):

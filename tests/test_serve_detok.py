@@ -115,3 +115,31 @@ def test_streamed_text_equals_non_streamed_text(tokenizer, kind, text):
     # A stop string is cut the same way in both, and never streamed.
     whole, streamed, _ = asyncio.run(both(stop=["END"]))
     assert whole == streamed == text.split("END")[0]
+
+
+@pytest.mark.parametrize("interval", [1, 3, 8])
+def test_stream_interval_sends_the_same_text_in_fewer_chunks(tokenizer, interval):
+    """`stream_interval=N` (vLLM's --stream-interval): the first text at once, then one chunk per N
+    tokens, the last with the rest; text and log-probs equal interval 1's, stop strings still cut."""
+    text = " ".join(TEXTS)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    model = OpenAIModel("m", Replay(tokenizer, ids + [tokenizer.eos_token_id]), stream_interval=interval)
+
+    def stream(**extra):
+        async def run():
+            return [c async for c in model.respond_stream(_request("completion", True, **extra))]
+        return asyncio.run(run())
+
+    chunks = stream(logprobs=1, stream_options={"include_usage": True})
+    texts = [c["choices"][0]["text"] for c in chunks if c["choices"]]
+    assert "".join(texts) == text
+    tokens = [t for c in chunks if c["choices"] for t in c["choices"][0]["logprobs"]["tokens"]]
+    assert len(tokens) == len(ids) + 1  # every token's log-prob, the end-of-sequence one included
+    assert len(tokenizer(texts[0], add_special_tokens=False)["input_ids"]) <= 2  # the first text goes out at once
+    sizes = [len(c["choices"][0]["logprobs"]["tokens"]) for c in chunks if c["choices"]]
+    # One chunk per `interval` tokens (a character split across tokens can stretch one by a token or two).
+    assert all(s <= interval + 2 for s in sizes)
+    assert len(sizes) <= 2 + (len(ids) + 1) // interval and (interval == 1 or len(sizes) < len(ids) // 2)
+    assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
+    assert chunks[-1]["usage"]["completion_tokens"] == len(ids) + 1
+    assert "".join(c["choices"][0]["text"] for c in stream(stop=["END"]) if c["choices"]) == text.split("END")[0]

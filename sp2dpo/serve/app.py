@@ -67,7 +67,7 @@ class ModelDeployment:
 
         cfg = ModelConfig.model_validate(model)
         self.engine = build_engine(cfg)
-        self.model = OpenAIModel(cfg.id, self.engine, cfg.default_max_tokens)
+        self.model = OpenAIModel(cfg.id, self.engine, cfg.default_max_tokens, cfg.stream_interval)
         self.prompts_now = self.prompts_peak = 0
 
     def check_health(self) -> None:

@@ -55,6 +55,10 @@ class ModelConfig(StageConfig):
         "max_tokens when a request does not say (always capped by the context left)."))
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description=(
         "Weights dtype; auto: the transformers engine loads float32 on CPU and the checkpoint's dtype on GPUs."))
+    stream_interval: int = Field(1, ge=1, description=(
+        "Streamed responses send text once per this many tokens (the first and the last at once), as vLLM's "
+        "--stream-interval: 1 sends every token; more sends fewer, larger chunks, so the replica, ingress, proxy "
+        "and client each do less work per token."))
     seed: int = Field(0, description="The vLLM engine's seed.")
     max_batch_size: int = Field(32, ge=1, description="transformers engine: most sequences decoded together.")
     batch_wait_ms: float = Field(10.0, ge=0, description=(

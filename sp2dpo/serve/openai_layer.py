@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -32,12 +32,32 @@ from sp2dpo.serve.protocol import (
 
 @dataclass
 class Piece:
-    """A stretch of generated text, the log-prob entries of its tokens, and how it ended."""
+    """A stretch of generated text, the log-prob entries of its tokens, how it ended, and the
+    tokens generated up to its end."""
 
     text: str
     logprobs: list[dict[str, Any]] = field(default_factory=list)
     finish_reason: str | None = None
     completion_tokens: int = 0
+
+
+async def every_n_tokens(pieces: AsyncGenerator[Piece, None], interval: int) -> AsyncIterator[Piece]:
+    """`pieces` joined so that one goes out per `interval` tokens, the first and the last at once
+    (vLLM's stream_interval): the same text and log-probs in fewer, larger pieces."""
+    held: Piece | None = None
+    sent = -1  # tokens covered by what has gone out; -1 until the first piece has
+    try:
+        async for piece in pieces:
+            if held is not None:
+                piece = Piece(held.text + piece.text, held.logprobs + piece.logprobs, piece.finish_reason,
+                              piece.completion_tokens)
+            if sent < 0 or piece.finish_reason is not None or piece.completion_tokens - sent >= interval:
+                yield piece
+                held, sent = None, piece.completion_tokens
+            else:
+                held = piece
+    finally:
+        await pieces.aclose()  # a client gone mid-stream cancels the engine's request now
 
 
 class IncrementalDecoder:
@@ -77,8 +97,9 @@ class IncrementalDecoder:
 
 
 class OpenAIModel:
-    def __init__(self, model_id: str, engine: Any, default_max_tokens: int = 512):
+    def __init__(self, model_id: str, engine: Any, default_max_tokens: int = 512, stream_interval: int = 1):
         self.model_id, self.engine, self.default_max_tokens = model_id, engine, default_max_tokens
+        self.stream_interval = stream_interval
         self.tokenizer = engine.tokenizer
         self._token_text = lru_cache(maxsize=65536)(self._decode_one)
 
@@ -137,7 +158,7 @@ class OpenAIModel:
         return {**item(token_id, logprob), "top_logprobs": [item(t, lp) for t, lp in top]}
 
     async def generate(self, prompt_ids: list[int], opts: SamplingOptions, max_tokens: int) -> AsyncIterator[Piece]:
-        """Engine tokens → text pieces. The last piece carries finish_reason and the token count."""
+        """Engine tokens → text pieces, each with the tokens generated so far; the last carries finish_reason."""
         detok = IncrementalDecoder(self.tokenizer)
         text, emitted, pending, produced = "", 0, [], 0
         finish, cut = "length", False
@@ -164,7 +185,7 @@ class OpenAIModel:
                     break
                 safe = len(text) - hold
                 if safe > emitted:
-                    yield Piece(text[emitted:safe], pending)
+                    yield Piece(text[emitted:safe], pending, completion_tokens=produced)
                     emitted, pending = safe, []
         finally:
             await steps.aclose()
@@ -229,7 +250,10 @@ class OpenAIModel:
         if chat:
             yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                           "finish_reason": None}])
-        async for piece in self.generate(prompt_ids, opts, max_tokens):
+        pieces = self.generate(prompt_ids, opts, max_tokens)
+        if self.stream_interval > 1:
+            pieces = every_n_tokens(pieces, self.stream_interval)
+        async for piece in pieces:
             if not piece.text and not piece.logprobs and piece.finish_reason is None:
                 continue
             if chat:

@@ -184,6 +184,10 @@ class TransformersEngine:
                 if jobs:
                     joined = self._prefill(jobs)
                     batch = joined if batch is None else batch.merge(joined)
+                    if not any(batch.produced) and not self._jobs.empty():
+                        # Requests that arrived during this prefill join before the first step, so a
+                        # burst spread over a prefill decodes as one batch instead of one step apart.
+                        continue
                 if batch is not None:
                     batch = self._step(batch)
             except Exception as exc:  # one bad batch must not take the replica down

@@ -1,0 +1,82 @@
+"""The transformers engine's batcher with a real (tiny) model: requests that arrive while a prefill
+runs join the batch before its first decode step, and every request still decodes as it would alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from sp2dpo.serve.config import ModelConfig
+from sp2dpo.serve.protocol import SamplingOptions
+from sp2dpo.serve.transformers_engine import TransformersEngine
+
+GREEDY = SamplingOptions(max_tokens=None, temperature=0)
+PROMPTS = [[5, 17, 99, 3], [42, 8, 8, 250, 11, 7, 64], [300, 301]]
+
+
+@pytest.fixture
+def engine(tiny_model_dir):
+    engine = TransformersEngine(tiny_model_dir, ModelConfig(batch_wait_ms=0, torch_threads=1))
+    yield engine
+    engine.shutdown()
+
+
+def _record_steps(engine: TransformersEngine, slow_first_prefill_s: float = 0,
+                  slow_step_s: float = 0) -> list[tuple[int, int]]:
+    """(rows, tokens produced by the first row) per decode step. The first prefill is held back
+    `slow_first_prefill_s` and each step `slow_step_s` (the tiny model is fast), so requests sent
+    meanwhile arrive during them."""
+    steps: list[tuple[int, int]] = []
+    prefill, step = engine._prefill, engine._step
+    first = threading.Event()
+
+    def slow_prefill(jobs):
+        if not first.is_set():
+            first.set()
+            time.sleep(slow_first_prefill_s)
+        return prefill(jobs)
+
+    def recorded_step(batch):
+        steps.append((len(batch.jobs), batch.produced[0]))
+        time.sleep(slow_step_s)
+        return step(batch)
+
+    engine._prefill, engine._step = slow_prefill, recorded_step
+    return steps
+
+
+async def _generate(engine: TransformersEngine, prompt: list[int], max_tokens: int, delay_s: float = 0) -> list[int]:
+    await asyncio.sleep(delay_s)
+    return [s.token_id async for s in engine.generate(prompt, GREEDY, max_tokens)]
+
+
+def test_requests_arriving_during_a_prefill_join_before_the_first_step(engine):
+    alone = [asyncio.run(_generate(engine, p, 6)) for p in PROMPTS]
+    steps = _record_steps(engine, slow_first_prefill_s=0.5)
+
+    async def burst():
+        # The first request starts a prefill; the others come 0.1 s later, while it runs.
+        return await asyncio.gather(*(_generate(engine, p, 6, 0.1 * (i > 0)) for i, p in enumerate(PROMPTS)))
+
+    together = asyncio.run(burst())
+    assert together == alone  # joined rows (left-padded, merged caches) decode exactly as alone
+    # One batch of all three from the first step on: not a step of the first request by itself.
+    assert steps[0] == (3, 0) and len(steps) == 6
+
+
+def test_a_running_batch_still_takes_newcomers_between_steps(engine):
+    """Once rows have started decoding, a newcomer joins between two steps; the running rows
+    never wait for an empty queue."""
+    alone = [asyncio.run(_generate(engine, p, 40)) for p in PROMPTS[:2]]
+    steps = _record_steps(engine, slow_step_s=0.02)
+
+    async def staggered():
+        return await asyncio.gather(_generate(engine, PROMPTS[0], 40), _generate(engine, PROMPTS[1], 40, 0.3))
+
+    assert asyncio.run(staggered()) == alone
+    first_two_rows = next(i for i, (rows, _) in enumerate(steps) if rows == 2)
+    assert steps[0] == (1, 0) and 0 < steps[first_two_rows][1] < 40
