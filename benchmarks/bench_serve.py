@@ -1,8 +1,8 @@
 """Throughput and p50/p99 latency at concurrency 1, 8 and 32: through Ray Serve vs. in-process.
 
     python benchmarks/bench_serve.py [--engine transformers|vllm] [--max-tokens 8] [--rounds 3] [--model PATH]
-                                     [--long-tokens 512] [--long-rounds 3] [--torch-threads N]
-                                     [--stream-interval N]
+                                     [--short-rounds 12] [--long-tokens 512] [--long-rounds 3]
+                                     [--torch-threads N] [--stream-interval N]
 
 Baseline in the same run: the very engine and OpenAI layer a Serve replica runs
 (`OpenAIModel.respond`), called directly from an asyncio loop in this process with the same
@@ -98,6 +98,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--long-tokens", type=int, default=512, help="the long, streamed case (0 skips it)")
+    parser.add_argument("--short-rounds", type=int, default=12,
+                        help="rounds of the short case against the engine alone (a round is about 3 s a side)")
     parser.add_argument("--long-rounds", type=int, default=3)
     parser.add_argument("--torch-threads", type=int, default=None,
                         help="the engine's torch threads on both sides (default: every CPU); fewer leaves CPUs to "
@@ -183,7 +185,7 @@ def main() -> None:
                         runs[side].append(await _drive(call, prompts, concurrency))
                 for side in runs:
                     results[side][concurrency] = _stats(runs[side])
-            cases = [("short", engine_call(args.max_tokens), call_serve, args.rounds)]
+            cases = [("short", engine_call(args.max_tokens), call_serve, args.short_rounds)]
             if args.long_tokens:
                 cases.append(("long", engine_call(args.long_tokens), call_serve_stream, args.long_rounds))
             for case, call_engine, call_via_serve, rounds in cases:
@@ -202,7 +204,7 @@ def main() -> None:
         direct.engine.shutdown()
 
     print(f"engine={args.engine} max_tokens={args.max_tokens} torch_threads={threads} rounds={args.rounds} "
-          f"stream_interval={args.stream_interval} "
+          f"short_rounds={args.short_rounds} long_rounds={args.long_rounds} stream_interval={args.stream_interval} "
           f"requests/round={LEVELS} (greedy, chat); load average {os.getloadavg()[0]:.1f} on {threads} cores; "
           f"nice: replica {replica_nice}, in-process {os.getpriority(os.PRIO_PROCESS, 0)}")
     print(f"{'side':<11} {'conc':>4} {'req/s':>7} {'tok/s':>7} {'p50 s':>7} {'p99 s':>7}")
