@@ -26,8 +26,12 @@ included) every 0.2 s. "Peak RSS" is that tree's peak during the step less the t
   cache (`read_shard`) and collates its first micro-batch: its time to the first step's data,
   and the RSS that adds. `--only-ingest` makes the inputs at `--ingest-n` (prepare, annotate
   with the ratings teacher, schedule) and runs only this step.
-The scaling curve repeats prepare, annotate (ratings) and schedule at each size of `--curve` and
-fits the exponent b of seconds ∝ n^b (least squares on log-log; 1 is linear). Step seconds for the
+The scaling curve repeats prepare (with each engine, and with `auto`, which picks one by input
+size), annotate (ratings), schedule, the one-off tokenize pass (in the driver) and one worker's
+ingest at each size of `--curve`, and fits the exponent b of seconds ∝ n^b (least squares on
+log-log; 1 is linear). A fixed cost pulls b under 1 over small sizes, so each curve also prints
+the cost of each further 1,000 pairs between neighbouring sizes, and `marginal_ratio` is the
+last interval's over the one before (1 is linear, above 1 grows faster). Step seconds for the
 curve are the stage's own time (Ray start-up excluded), wall seconds are printed beside them.
 Each figure is printed with the 1-minute load average at its end.
 """
@@ -75,10 +79,10 @@ def make_input(n: int, path: str) -> None:
             f.write(json.dumps(row) + "\n")
 
 
-def step_prepare(jsonl: str, out: str) -> dict:
+def step_prepare(jsonl: str, out: str, engine: str = "auto") -> dict:
     from sp2dpo.data.prepare import DataConfig, prepare
 
-    s = prepare(DataConfig(inputs=[jsonl], out=out), show_progress=False)
+    s = prepare(DataConfig(inputs=[jsonl], out=out, engine=engine), show_progress=False)
     return {"seconds": s["seconds"], "valid": s["valid"], "quarantined": s["quarantined"], "engine": s["engine"]}
 
 
@@ -333,14 +337,25 @@ def main() -> None:
             os.makedirs(d)
             make_input(n, f"{d}/pairs.jsonl")
             r = results[n] = {}
+            # Both engines at every size, so that each has its own curve; `auto` picks one by input size.
+            for engine in () if args.only_ingest else ("local", "ray"):
+                r[f"prepare_{engine}"] = run("prepare", jsonl=f"{d}/pairs.jsonl", out=f"{d}/data_{engine}",
+                                             engine=engine)
+                print(fmt(f"n={n} prepare (engine {engine})", r[f"prepare_{engine}"]), flush=True)
             r["prepare"] = run("prepare", jsonl=f"{d}/pairs.jsonl", out=f"{d}/data")
-            print(fmt(f"n={n} prepare", r["prepare"]), flush=True)
+            print(fmt(f"n={n} prepare (engine auto)", r["prepare"]), flush=True)
             r["annotate_ratings"] = run("annotate",
                                         config={"pairs": f"{d}/data", "out": f"{d}/ann", "teacher": "ratings"})
             print(fmt(f"n={n} annotate ratings", r["annotate_ratings"]), flush=True)
             r["schedule"] = run("schedule", pairs=f"{d}/data/pairs.parquet", annotations=f"{d}/ann",
                                 out=f"{d}/beta.parquet")
             print(fmt(f"n={n} schedule + artifact + verify", r["schedule"]), flush=True)
+            if not args.skip_ingest:
+                r["tokenize"] = run("tokenize", pairs=f"{d}/data/pairs.parquet", artifact=f"{d}/beta.parquet")
+                print(fmt(f"n={n} train tokenize once (driver)", r["tokenize"]), flush=True)
+                r["ingest"] = run("ingest", tokens=r["tokenize"]["tokens"], workers=args.ingest_workers)
+                print(fmt(f"n={n} train ingest (one worker of {args.ingest_workers}: its shard, first batch)",
+                          r["ingest"]), flush=True)
 
         big = results[args.n]
         d = f"{tmp}/n{openai_n}"
@@ -404,24 +419,31 @@ def main() -> None:
                                   "peak_rss_mb": max(killed_peak_mb, resumed["peak_rss_mb"])}
 
         if not args.skip_ingest:
-            d = f"{tmp}/n{ingest_n}"
-            big["tokenize"] = run("tokenize", pairs=f"{d}/data/pairs.parquet", artifact=f"{d}/beta.parquet")
-            print(fmt(f"n={ingest_n} train tokenize once (driver)", big["tokenize"]), flush=True)
+            d, ingested = f"{tmp}/n{ingest_n}", results[ingest_n]
             tasks = os.cpu_count()
-            big["tokenize_tasks"] = run("tokenize", pairs=f"{d}/data/pairs.parquet", artifact=f"{d}/beta.parquet",
-                                        tasks=tasks)
-            print(fmt(f"n={ingest_n} train tokenize once ({tasks} Ray tasks at once)", big["tokenize_tasks"]),
+            ingested["tokenize_tasks"] = run("tokenize", pairs=f"{d}/data/pairs.parquet",
+                                             artifact=f"{d}/beta.parquet", tasks=tasks)
+            print(fmt(f"n={ingest_n} train tokenize once ({tasks} Ray tasks at once)", ingested["tokenize_tasks"]),
                   flush=True)
-            big["ingest"] = run("ingest", tokens=big["tokenize"]["tokens"], workers=args.ingest_workers)
-            print(fmt(f"n={ingest_n} train ingest (one worker of {args.ingest_workers}: its shard, first batch)",
-                      big["ingest"]), flush=True)
 
     print()
-    for stage in ("prepare", "annotate_ratings", "schedule") if len(sizes) > 1 else ():
+    curve_stages = ["prepare_local", "prepare_ray", "prepare", "annotate_ratings", "schedule"]
+    curve_stages += [] if args.skip_ingest else ["tokenize", "ingest"]
+    for stage in curve_stages if len(sizes) > 1 else ():
         points = [(n, results[n][stage]["seconds"]) for n in sizes]
         curve = ", ".join(f"{n}: {s:.2f} s" for n, s in points)
-        print(f"{stage} curve: {curve}; fitted exponent {fit_exponent(points):.2f}")
+        # The exponent over the whole range hides a fixed cost (it pulls b under 1); the cost of each
+        # further 1,000 pairs between neighbouring sizes does not: equal steps are linear growth.
+        marginal = ", ".join(f"{n0}→{n1}: {1000 * (s1 - s0) / (n1 - n0):.3f} s"
+                             for (n0, s0), (n1, s1) in zip(points, points[1:]))
+        print(f"{stage} curve: {curve}; fitted exponent {fit_exponent(points):.2f}; "
+              f"per further 1,000 pairs {marginal}")
         print(f"RESULT scale_{stage}_exponent {fit_exponent(points):.3f}")
+        if len(points) > 2:
+            (n0, s0), (n1, s1), (n2, s2) = points[-3:]
+            if s1 > s0:  # else the first interval is inside the fixed cost's noise: no ratio to give
+                ratio = ((s2 - s1) / (n2 - n1)) / ((s1 - s0) / (n1 - n0))
+                print(f"RESULT scale_{stage}_marginal_ratio {ratio:.3f}")
     def tag(n: int) -> str:
         return "60k" if n == 59_960 else str(n)
 
@@ -437,14 +459,16 @@ def main() -> None:
         print(f"RESULT scale_kill_resume_{tag(openai_n)}_duplicated {big['kill_resume']['duplicated']}")
         print(f"RESULT scale_kill_resume_{tag(openai_n)}_pairs_per_s {big['kill_resume']['pairs_per_s']:.1f}")
         print(f"RESULT scale_kill_resume_{tag(openai_n)}_peak_rss_mb {big['kill_resume']['peak_rss_mb']:.0f}")
-    if "ingest" in big:
-        print(f"RESULT train_tokenize_once_{tag(ingest_n)}_seconds {big['tokenize']['seconds']:.1f}")
-        print(f"RESULT train_tokenize_once_{tag(ingest_n)}_rss_mb {big['tokenize']['rss_added_mb']:.0f}")
-        print(f"RESULT train_tokenize_once_tasks_{tag(ingest_n)}_seconds {big['tokenize_tasks']['seconds']:.1f}")
+    if not args.skip_ingest:
+        ingested = results[ingest_n]
+        print(f"RESULT train_tokenize_once_{tag(ingest_n)}_seconds {ingested['tokenize']['seconds']:.1f}")
+        print(f"RESULT train_tokenize_once_{tag(ingest_n)}_rss_mb {ingested['tokenize']['rss_added_mb']:.0f}")
+        print(f"RESULT train_tokenize_once_tasks_{tag(ingest_n)}_seconds "
+              f"{ingested['tokenize_tasks']['seconds']:.1f}")
         print(f"RESULT train_tokenize_once_tasks_speedup "
-              f"{big['tokenize']['seconds'] / big['tokenize_tasks']['seconds']:.2f}")
-        print(f"RESULT train_ingest_{tag(ingest_n)}_seconds {big['ingest']['seconds']:.1f}")
-        print(f"RESULT train_ingest_{tag(ingest_n)}_rss_mb {big['ingest']['rss_added_mb']:.0f}")
+              f"{ingested['tokenize']['seconds'] / ingested['tokenize_tasks']['seconds']:.2f}")
+        print(f"RESULT train_ingest_{tag(ingest_n)}_seconds {ingested['ingest']['seconds']:.1f}")
+        print(f"RESULT train_ingest_{tag(ingest_n)}_rss_mb {ingested['ingest']['rss_added_mb']:.0f}")
 
 
 if __name__ == "__main__":
