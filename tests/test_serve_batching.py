@@ -80,3 +80,49 @@ def test_a_running_batch_still_takes_newcomers_between_steps(engine):
     assert asyncio.run(staggered()) == alone
     first_two_rows = next(i for i, (rows, _) in enumerate(steps) if rows == 2)
     assert steps[0] == (1, 0) and 0 < steps[first_two_rows][1] < 40
+
+
+def _record_prefills(engine: TransformersEngine) -> list[int]:
+    """The number of requests in each prefill."""
+    sizes: list[int] = []
+    prefill = engine._prefill
+
+    def recorded(jobs):
+        sizes.append(len(jobs))
+        return prefill(jobs)
+
+    engine._prefill = recorded
+    return sizes
+
+
+def test_an_idle_engine_gathers_a_burst_while_arrivals_keep_coming(tiny_model_dir):
+    """Clients behind HTTP reach the replica spread out. Each arrival within `batch_wait_ms` of the
+    one before joins the first prefill, up to `batch_wait_max_ms` after the first; later ones start
+    the next prefill. (Arrivals are 0.5 s apart against a 0.9 s wait and a 1.3 s cap, so scheduling
+    jitter of a loaded machine does not decide the outcome.)"""
+    engine = TransformersEngine(tiny_model_dir, ModelConfig(batch_wait_ms=900, batch_wait_max_ms=1300,
+                                                            torch_threads=1))
+    try:
+        alone = [asyncio.run(_generate(engine, PROMPTS[i % 3], 3)) for i in range(5)]
+        sizes = _record_prefills(engine)
+
+        async def spread():
+            return await asyncio.gather(*(_generate(engine, PROMPTS[i % 3], 3, 0.5 * i) for i in range(5)))
+
+        assert asyncio.run(spread()) == alone
+        # 0, 0.5 and 1.0 s: one prefill, though the third comes after 0.9 s; 1.5 s is past the cap.
+        assert sizes == [3, 2]
+    finally:
+        engine.shutdown()
+
+
+def test_a_lone_request_waits_batch_wait_ms_not_the_cap(tiny_model_dir):
+    engine = TransformersEngine(tiny_model_dir, ModelConfig(batch_wait_ms=50, batch_wait_max_ms=20_000,
+                                                            torch_threads=1))
+    try:
+        asyncio.run(_generate(engine, PROMPTS[0], 2))  # warm up
+        t0 = time.monotonic()
+        asyncio.run(_generate(engine, PROMPTS[0], 2))
+        assert time.monotonic() - t0 < 10  # a fixed window would hold it for the 20 s cap
+    finally:
+        engine.shutdown()

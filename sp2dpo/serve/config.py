@@ -61,9 +61,13 @@ class ModelConfig(StageConfig):
         "and client each do less work per token."))
     seed: int = Field(0, description="The vLLM engine's seed.")
     max_batch_size: int = Field(32, ge=1, description="transformers engine: most sequences decoded together.")
-    batch_wait_ms: float = Field(10.0, ge=0, description=(
-        "transformers engine: how long the batcher waits for more requests once one arrives (a few ms lets "
-        "concurrent clients share a forward pass)."))
+    batch_wait_ms: float = Field(25.0, ge=0, description=(
+        "transformers engine: when idle, how long the batcher waits for one more request after each arrival "
+        "(concurrent clients reach a replica through HTTP and the proxy some ms apart; sharing a prefill "
+        "saves a forward pass)."))
+    batch_wait_max_ms: float = Field(100.0, ge=0, description=(
+        "transformers engine: the longest the first request of a burst waits while others keep arriving "
+        "(raised to batch_wait_ms if below it)."))
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads per replica; None = torch's "
                                                               "default.")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description=(

@@ -110,11 +110,12 @@ class _Batch:
 class TransformersEngine:
     """A Hugging Face causal LM with a batching decode loop on one worker thread.
 
-    Continuous batching, HF-cache style: requests that arrive together (within `batch_wait_ms` of
-    the first) are prefilled as one left-padded batch and decoded step by step with a shared KV
-    cache; requests arriving while it runs are prefilled between two steps and join it; finished
-    rows leave at once. Each row keeps its own temperature, top-p, seed and length. The event loop
-    never runs torch, so a replica keeps answering health checks and streaming while it computes.
+    Continuous batching, HF-cache style: requests that arrive together (each within `batch_wait_ms`
+    of the one before, up to `batch_wait_max_ms` after the first) are prefilled as one left-padded
+    batch and decoded step by step with a shared KV cache; requests arriving while it runs are
+    prefilled between two steps and join it; finished rows leave at once. Each row keeps its own
+    temperature, top-p, seed and length. The event loop never runs torch, so a replica keeps
+    answering health checks and streaming while it computes.
     """
 
     def __init__(self, path: str, cfg: ModelConfig):
@@ -137,6 +138,7 @@ class TransformersEngine:
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else min(self.eos_token_ids or {0})
         self.max_batch_size, self.batch_wait_s = cfg.max_batch_size, cfg.batch_wait_ms / 1000
+        self.batch_wait_max_s = max(cfg.batch_wait_max_ms, cfg.batch_wait_ms) / 1000
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="sp2dpo-decode", daemon=True)
         self._thread.start()
@@ -198,8 +200,9 @@ class TransformersEngine:
                 batch = None
 
     def _take(self, batch: _Batch | None) -> list[_Job] | None:
-        """New jobs to start now (None = shut down). Idle: block for one, then gather arrivals for
-        `batch_wait_s`. Busy: only what is already queued, so running rows never wait."""
+        """New jobs to start now (None = shut down). Idle: block for one, then gather arrivals until
+        none has come for `batch_wait_s`, and for `batch_wait_max_s` after the first at most. Busy:
+        only what is already queued, so running rows never wait."""
         room = self.max_batch_size - (len(batch.jobs) if batch else 0)
         if batch is not None and not batch.mergeable:
             room = 0
@@ -209,7 +212,12 @@ class TransformersEngine:
             if first is None:
                 return None
             jobs.append(first)
-        deadline = time.monotonic() + (self.batch_wait_s if batch is None else 0)
+        # Idle, each arrival extends the wait: clients behind HTTP and a proxy reach the replica spread
+        # over tens of ms, and a burst prefilled in two parts costs a whole extra forward pass. The
+        # cap bounds what the first request of a steady stream can wait.
+        wait, wait_max = (self.batch_wait_s, self.batch_wait_max_s) if batch is None else (0, 0)
+        cap = time.monotonic() + wait_max
+        deadline = min(time.monotonic() + wait, cap)
         while len(jobs) < room:
             remaining = deadline - time.monotonic()
             try:
@@ -219,6 +227,7 @@ class TransformersEngine:
             if job is None:
                 return None
             jobs.append(job)
+            deadline = min(time.monotonic() + wait, cap)
         return [j for j in jobs if not j.cancelled]
 
     def _prefill(self, jobs: list[_Job]) -> _Batch:
