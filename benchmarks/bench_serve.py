@@ -1,8 +1,8 @@
 """Throughput and p50/p99 latency at concurrency 1, 8 and 32: through Ray Serve vs. in-process.
 
-    python benchmarks/bench_serve.py [--engine transformers|vllm] [--max-tokens 8] [--rounds 3] [--model PATH]
+    python benchmarks/bench_serve.py [--engine transformers|vllm] [--max-tokens 8] [--rounds 5] [--model PATH]
                                      [--short-rounds 12] [--long-tokens 512] [--long-rounds 3]
-                                     [--torch-threads N] [--stream-interval N]
+                                     [--torch-threads N] [--stream-interval N] [--batch-wait-ms MS]
 
 Baseline in the same run: the very engine and OpenAI layer a Serve replica runs
 (`OpenAIModel.respond`), called directly from an asyncio loop in this process with the same
@@ -96,7 +96,7 @@ def main() -> None:
     parser.add_argument("--engine", default="transformers", choices=["transformers", "vllm"])
     parser.add_argument("--model", default=None, help="HF model dir (default: bundled SmolLM2-135M-Instruct)")
     parser.add_argument("--max-tokens", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--long-tokens", type=int, default=512, help="the long, streamed case (0 skips it)")
     parser.add_argument("--short-rounds", type=int, default=12,
                         help="rounds of the short case against the engine alone (a round is about 3 s a side)")
@@ -106,6 +106,8 @@ def main() -> None:
                              "the serving processes, as on a GPU node, where the engine does not compute on them")
     parser.add_argument("--stream-interval", type=int, default=1,
                         help="the served model's stream_interval (tokens per streamed chunk; 1 = every token)")
+    parser.add_argument("--batch-wait-ms", type=float, default=None,
+                        help="the served model's batch_wait_ms (transformers engine; default: the config's)")
     parser.add_argument("--only-vs-engine", action="store_true",
                         help="skip the concurrency levels against in-process (serve_overhead_c8)")
     args = parser.parse_args()
@@ -124,7 +126,8 @@ def main() -> None:
     # Same threads on both sides: Ray would otherwise pin the replica's torch to its num_cpus.
     model_cfg = ModelConfig(id="bench", path=args.model, engine=args.engine, num_cpus=1, torch_threads=threads,
                             max_model_len=2048, gpu_memory_utilization=0.12 if args.engine == "vllm" else 0.9,
-                            stream_interval=args.stream_interval)
+                            stream_interval=args.stream_interval,
+                            **({} if args.batch_wait_ms is None else {"batch_wait_ms": args.batch_wait_ms}))
 
     def body(prompt: str, max_tokens: int | None = None) -> dict:
         return chat_body(prompt, max_tokens or args.max_tokens)
@@ -172,9 +175,11 @@ def main() -> None:
             async def call_serve_stream(prompt: str) -> int:
                 return await streamed_tokens(client, prompt, args.long_tokens)
 
-            warm = _prompts(4)
-            await _drive(call_direct, warm, 4)
-            await _drive(call_serve, warm, 4)
+            # A round of 8 on each side first: a replica's first batch of a new shape runs several times
+            # slower (one such round read 14 s against 3 s), and 3 rounds cannot absorb that.
+            warm = _prompts(8)
+            for call in (call_direct, call_serve, engine_call(args.max_tokens)):
+                await _drive(call, warm, 8)
             for concurrency, n in ({} if args.only_vs_engine else LEVELS).items():
                 prompts = _prompts(n)
                 runs: dict[str, list] = {"in-process": [], "serve": []}
@@ -205,6 +210,7 @@ def main() -> None:
 
     print(f"engine={args.engine} max_tokens={args.max_tokens} torch_threads={threads} rounds={args.rounds} "
           f"short_rounds={args.short_rounds} long_rounds={args.long_rounds} stream_interval={args.stream_interval} "
+          f"batch_wait_ms={model_cfg.batch_wait_ms} "
           f"requests/round={LEVELS} (greedy, chat); load average {os.getloadavg()[0]:.1f} on {threads} cores; "
           f"nice: replica {replica_nice}, in-process {os.getpriority(os.PRIO_PROCESS, 0)}")
     print(f"{'side':<11} {'conc':>4} {'req/s':>7} {'tok/s':>7} {'p50 s':>7} {'p99 s':>7}")
