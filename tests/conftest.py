@@ -40,6 +40,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """A serve engine built in the test process sets torch's intra-op threads process-wide (as it
+    should in its own replica). Put them back, or every later test runs torch on one core."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != before:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One local Ray instance for the whole session (2 CPUs here)."""

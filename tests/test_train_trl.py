@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pyarrow.compute as pc
 import pytest
 import torch
 
@@ -16,9 +17,15 @@ def sample(tmp_path_factory):
     from sp2dpo.train.data import load_training_table
     from sp2dpo.train.sample import build_sample_inputs
 
-    pairs, artifact = build_sample_inputs(tmp_path_factory.mktemp("trl"), limit=8, max_chars=200)
+    pairs, artifact = build_sample_inputs(tmp_path_factory.mktemp("trl"), limit=64, max_chars=200)
     table, _ = load_training_table(artifact, pairs)
-    return table
+    # The 8 shortest pairs: TRL's log-prob head costs per padded token on a CPU, and the longest
+    # of the first 8 would pad every row to 246 tokens (here 109).
+    chars = pc.add(pc.utf8_length(table["prompt"]),
+                   pc.max_element_wise(pc.utf8_length(table["chosen"]), pc.utf8_length(table["rejected"])))
+    shortest = sorted(pc.sort_indices(chars).to_pylist()[:8])
+    assert len(shortest) == 8
+    return table.take(shortest)
 
 
 def _dataset(table, beta=None):
@@ -111,7 +118,7 @@ def test_our_tokenization_matches_trl(sample, tiny_model_dir, tmp_path):
 def test_per_pair_beta_is_not_weighting_and_follows_its_pair(sample, tiny_model_dir, tmp_path):
     from sp2dpo.train.trl_trainer import PerPairBetaDPOTrainer
 
-    betas = {r["pair_id"]: b for r, b in zip(sample.to_pylist(), [0.02, 0.05, 0.1, 0.3, 0.6, 1.0, 2.0, 0.04] * 2)}
+    betas = {r["pair_id"]: b for r, b in zip(sample.to_pylist(), [0.02, 0.05, 0.1, 0.3, 0.6, 1.0, 2.0, 0.04])}
     ours = _trainer(PerPairBetaDPOTrainer, tiny_model_dir, tmp_path, _dataset(sample, lambda r: betas[r["pair_id"]]))
     rows = [ours.train_dataset[i] for i in range(8)]
     batch = ours.data_collator(rows)
