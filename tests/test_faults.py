@@ -469,11 +469,24 @@ def _driver(run_dir: str) -> psutil.Process | None:
     return None
 
 
+def _committed_step(run_dir: str) -> int:
+    """The step of the last checkpoint Ray Train has committed for the run's train stage (its
+    controller's `checkpoint_manager_snapshot.json`), 0 before the first."""
+    for snapshot in Path(run_dir).glob("train-*/**/checkpoint_manager_snapshot.json"):
+        try:
+            latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result")
+        except (OSError, json.JSONDecodeError):  # being rewritten: read it again next time
+            return 0
+        if latest:
+            return int(latest["checkpoint_dir_name"].removeprefix("step_"))
+    return 0
+
+
 @pytest.mark.timeout(3600)
 def test_train_job_driver_killed_then_resubmitted_resumes_from_its_checkpoint(tmp_path, tiny_model_dir):
     """The demo pipeline up to its first train stage as a `ray job submit` job on a two-node local
-    cluster (tiny student, a checkpoint every step, 8 steps). Once the stage has written its
-    second checkpoint, the job's driver process on the head gets SIGKILL; its Ray Train workers go
+    cluster (tiny student, a checkpoint every step, 8 steps). Once Ray Train has committed the
+    stage's second checkpoint, the job's driver process on the head gets SIGKILL; its Ray Train workers go
     with it and the job is FAILED. The same command resubmitted skips the finished stages and
     resumes training from the last checkpoint."""
     from cluster_harness import LocalCluster
@@ -491,11 +504,13 @@ def test_train_job_driver_killed_then_resubmitted_resumes_from_its_checkpoint(tm
         submitted = cluster.submit(command, wait=False, submission_id=job_id)
         assert submitted.returncode == 0, submitted.stderr
         deadline = time.monotonic() + 1800
-        while not list(Path(run_dir).glob("train-*/**/step_0000002")):
+        # A checkpoint's directory is written before Ray Train commits it; a resubmitted run
+        # resumes from the last committed one, so wait for the commit, not the directory.
+        while _committed_step(run_dir) < 2:
             status = cluster.job_status(job_id)
             assert status in ("PENDING", "RUNNING"), (status, cluster.job("logs", job_id).stdout[-4000:])
-            assert time.monotonic() < deadline, "the train stage never wrote two checkpoints"
-            time.sleep(1)
+            assert time.monotonic() < deadline, "the train stage never committed two checkpoints"
+            time.sleep(0.2)
         driver = _driver(run_dir)
         assert driver is not None, "no driver process found"
         stage = next(Path(run_dir).glob("train-*"))
