@@ -486,9 +486,9 @@ def _committed_step(run_dir: str) -> int:
 def test_train_job_driver_killed_then_resubmitted_resumes_from_its_checkpoint(tmp_path, tiny_model_dir):
     """The demo pipeline up to its first train stage as a `ray job submit` job on a two-node local
     cluster (tiny student, a checkpoint every step, 8 steps). Once Ray Train has committed the
-    stage's second checkpoint, the job's driver process on the head gets SIGKILL; its Ray Train workers go
-    with it and the job is FAILED. The same command resubmitted skips the finished stages and
-    resumes training from the last checkpoint."""
+    stage's second checkpoint, the job's driver process on the head gets SIGKILL; its Ray Train
+    workers go with it and the job is FAILED. The same command resubmitted skips the finished
+    stages and resumes training from the last committed checkpoint."""
     from cluster_harness import LocalCluster
 
     run_dir = str(tmp_path / "run")
